@@ -1,0 +1,145 @@
+"""`python -m serve_app run`: start (or join) a Ray cluster and serve the configured models."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+logger = logging.getLogger("serve_app.launcher")
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "serve_config.yaml"
+
+
+def load_serve_config(path: Path) -> dict[str, Any]:
+    with open(path) as fh:
+        doc = yaml.safe_load(fh) or {}
+    apps = doc.get("applications") or []
+    if len(apps) != 1:
+        raise SystemExit(f"{path}: expected exactly one application under 'applications', found {len(apps)}")
+    return doc
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def start_ray(logical_gpus: int, logical_cpus: int | None) -> bool:
+    """Join RAY_ADDRESS when set, else start a local cluster. Returns True if we started it."""
+    import ray
+
+    from serve_app.gpu import nvml_gpu_count
+
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING)
+        _say(f"Joined the Ray cluster at {os.environ['RAY_ADDRESS']}.")
+        return False
+    gpus = nvml_gpu_count()
+    kwargs: dict[str, Any] = {}
+    if gpus == 0:
+        kwargs["num_gpus"] = logical_gpus
+        _say(
+            f"No NVIDIA GPU found (NVML unavailable): declaring {logical_gpus} logical GPUs with simulated memory, "
+            "models run on the CPU."
+        )
+    if logical_cpus:
+        kwargs["num_cpus"] = logical_cpus
+    temp_dir = os.environ.get("RAY_TMPDIR") or tempfile.mkdtemp(prefix="gpu-serve-ray-")
+    ray.init(
+        _temp_dir=temp_dir,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        logging_level=logging.WARNING,
+        log_to_driver=os.environ.get("GPU_SERVE_LOG_TO_DRIVER", "1") == "1",
+        **kwargs,
+    )
+    return True
+
+
+def run(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_app
+    from serve_app.config import ConfigError, parse_app_config
+
+    doc = load_serve_config(Path(args.config))
+    app_doc = doc["applications"][0]
+    try:
+        parse_app_config(app_doc.get("args") or {})
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    http = doc.get("http_options") or {}
+    host = args.host or http.get("host", "127.0.0.1")
+    port = int(args.port or http.get("port", 8000))
+
+    started = start_ray(args.logical_gpus, args.logical_cpus)
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        _say(f"Received {signal.Signals(signum).name}; shutting down.")
+        stop.set()
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        serve.start(
+            http_options={"host": host, "port": port},
+            proxy_location=doc.get("proxy_location", "HeadOnly"),
+        )
+        t0 = time.perf_counter()
+        serve.run(
+            build_app(app_doc.get("args") or {}),
+            name=app_doc.get("name", "gpu-serve"),
+            route_prefix=app_doc.get("route_prefix", "/"),
+            blocking=False,
+        )
+        base = f"http://{host}:{port}"
+        ctx = ray.get_runtime_context()
+        dashboard = getattr(ctx, "dashboard_url", None) or "127.0.0.1:8265"
+        _say(f"Application ready in {time.perf_counter() - t0:.1f}s.")
+        _say(f"  API:        {base}/v1  (OpenAI-compatible)")
+        _say(f"  Status:     {base}/gpu/status   Health: {base}/health")
+        _say(f"  Dashboard:  http://{dashboard}  (token auth is on: the token is in {Path.home() / '.ray' / 'auth_token'})")
+        _say("Press Ctrl-C to stop.")
+        while not stop.wait(0.5):
+            pass
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            if started:
+                ray.shutdown()
+                _say("Stopped the application and the local Ray cluster.")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serve_app", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="serve the configured models")
+    p_run.add_argument("--config", default=str(DEFAULT_CONFIG), help="Serve config YAML (default: %(default)s)")
+    p_run.add_argument("--host", default=None, help="HTTP host (default: the config's, else 127.0.0.1)")
+    p_run.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, else 8000)")
+    p_run.add_argument("--logical-gpus", type=int, default=2, help="GPUs to declare when NVML finds none")
+    p_run.add_argument("--logical-cpus", type=int, default=None, help="CPUs to declare to Ray (default: all)")
+    args = parser.parse_args(argv)
+    from serve_app.logs import configure_logging
+
+    configure_logging()
+    if args.command == "run":
+        return run(args)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""HTTP surfaces of the ingress, one module per endpoint group."""

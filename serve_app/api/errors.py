@@ -1,0 +1,79 @@
+"""Exception handlers that turn every failure into OpenAI's error shape."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve_app.errors import ServeError, error_body
+
+logger = logging.getLogger("serve_app.api")
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """Return the replica's own exception from a Ray task error (it crosses processes wrapped)."""
+    cause = getattr(exc, "cause", None)
+    while cause is not None and cause is not exc:
+        exc, cause = cause, getattr(cause, "cause", None)
+    return exc
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    exc = unwrap(exc)
+    if isinstance(exc, ServeError):
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers())
+    logger.exception("unhandled error", exc_info=exc)
+    return JSONResponse(
+        error_body(f"internal error: {type(exc).__name__}: {exc}", "internal_error"), status_code=500
+    )
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    if first.get("type") == "json_invalid":
+        return f"malformed JSON body: {first.get('msg')}", None
+    param = ".".join(loc) or None
+    return f"{param or 'body'}: {first.get('msg')}", param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServeError)
+    async def _serve_error(_: Request, exc: ServeError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(
+            error_body(str(exc.detail), kind), status_code=exc.status_code, headers=getattr(exc, "headers", None)
+        )
+
+    @app.exception_handler(Exception)
+    async def _any(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(exc)
+
+
+async def json_body(request: Request) -> Any:
+    """Parse the body as JSON, answering 400 (not 422 or 500) when it is not JSON."""
+    from serve_app.errors import InvalidRequest
+
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"malformed JSON body: {exc}; send a JSON object", code="invalid_json") from None

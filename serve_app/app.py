@@ -1,0 +1,50 @@
+"""The Serve application builder: `import_path: serve_app.app:build_app` in serve_config.yaml."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from serve_app.config import AppConfig, ModelConfig, parse_app_config
+
+FAMILY_DEPLOYMENTS = {
+    "sentence-transformers": ("deployments.embeddings", "EmbeddingsDeployment"),
+    "faster-whisper": ("deployments.whisper", "WhisperDeployment"),
+    "transformers-causal-lm": ("deployments.text_generation", "TextGenerationDeployment"),
+}
+
+
+def deployment_name(model_id: str) -> str:
+    return "model-" + "".join(c if c.isalnum() or c in "-_." else "-" for c in model_id)
+
+
+def _deployment_class(family: str) -> Any:
+    import importlib
+
+    module_name, attr = FAMILY_DEPLOYMENTS[family]
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def bind_model(model: ModelConfig, config: AppConfig) -> Any:
+    cls = _deployment_class(model.family)
+    return cls.options(
+        name=deployment_name(model.id),
+        ray_actor_options={"num_gpus": model.num_gpus, "num_cpus": model.num_cpus},
+        autoscaling_config=model.autoscaling.to_serve(),
+        max_ongoing_requests=model.max_ongoing_requests,
+        graceful_shutdown_timeout_s=60,
+        graceful_shutdown_wait_loop_s=1,
+    ).bind(model.model_dump(mode="json"), config.model_dump(mode="json"))
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """Validate the args (failing the deploy with the field and value named) and bind the graph."""
+    from serve_app.ingress import Ingress
+
+    config = parse_app_config(args)
+    handles = {m.id: bind_model(m, config) for m in config.models}
+    return Ingress.options(
+        num_replicas=config.http.num_replicas,
+        ray_actor_options={"num_cpus": config.http.num_cpus},
+        max_ongoing_requests=1000,
+    ).bind(handles, config.model_dump(mode="json"))
+

@@ -1,0 +1,276 @@
+"""Configuration, declared once and validated at deploy time.
+
+The application's args in `serve_config.yaml` are parsed into :class:`AppConfig`. Every error
+names the field and the offending value, because a bad config should fail the deploy with a
+message a user can act on, not a replica crash loop minutes later.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+logger = logging.getLogger("serve_app.config")
+
+Family = Literal["sentence-transformers", "faster-whisper", "transformers-causal-lm"]
+FAMILIES: tuple[str, ...] = ("sentence-transformers", "faster-whisper", "transformers-causal-lm")
+
+PositiveSeconds = Annotated[float, Field(ge=0)]
+GiB = 1024**3
+MiB = 1024**2
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class AutoscalingConfig(_Frozen):
+    """Serve autoscaling for one model deployment.
+
+    Defaults are tuned for scale-to-zero: Serve only scales up from zero replicas on its
+    metrics cycle, about 10 s with Ray's defaults on our test machine; reporting every 0.5 s
+    with a 2 s look-back brought the first request from zero to about 1.6 s.
+    """
+
+    min_replicas: int = Field(0, ge=0, description="0 allows scale-to-zero.")
+    max_replicas: int = Field(2, ge=1, description="Upper bound on replicas of this model.")
+    target_ongoing_requests: float = Field(2.0, gt=0, description="Requests per replica before scaling up.")
+    metrics_interval_s: float = Field(0.5, gt=0, description="How often handles report queue lengths.")
+    look_back_period_s: float = Field(2.0, gt=0, description="Window the autoscaler averages over.")
+    upscale_delay_s: float = Field(0.0, ge=0, description="Wait before acting on an upscale decision.")
+    downscale_delay_s: float = Field(
+        600.0, ge=0, description="Idle time before a replica is scaled away (the last tier of freeing memory)."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})"
+            )
+        return self
+
+    def to_serve(self) -> dict[str, Any]:
+        return {
+            "min_replicas": self.min_replicas,
+            "initial_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "metrics_interval_s": self.metrics_interval_s,
+            "look_back_period_s": self.look_back_period_s,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+        }
+
+
+class ModelConfig(_Frozen):
+    """One served model: one Serve deployment."""
+
+    id: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$", description="Public model id.")
+    family: str = Field(..., description=f"Model family, one of {', '.join(FAMILIES)}.")
+    source: str = Field(
+        ...,
+        min_length=1,
+        description=(
+            "Where the weights are: 'package:NAME' (a Python package exposing get_model_path()), "
+            "a local directory, or 'hub:ORG/NAME' (downloaded by the model library on first load)."
+        ),
+    )
+    num_gpus: float = Field(0.25, description="Fraction of a GPU each replica reserves in Ray, in (0, 1].")
+    num_cpus: float = Field(0.25, ge=0, description="Logical CPUs each replica reserves in Ray.")
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    max_ongoing_requests: int = Field(16, ge=1, description="Requests Serve sends one replica at once.")
+    # Lifecycle policy knobs.
+    idle_timeout_s: float | None = Field(
+        300.0, ge=0, description="Idle on GPU this long: offload to CPU. 0 offloads right after use; null never."
+    )
+    release_timeout_s: float | None = Field(
+        1800.0, ge=0, description="Idle on CPU this long: release the weights. null never."
+    )
+    offload_after_use: bool = Field(False, description="Offload as soon as the last in-flight request ends.")
+    priority: int = Field(0, description="Higher wins: never evicted for a lower-priority load.")
+    pinned: bool = Field(False, description="Never evicted, offloaded or released by the policy.")
+    vram_bytes: int | None = Field(
+        None, gt=0, description="Declared GPU footprint, used until the first load measures it."
+    )
+    # Family options.
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="'auto' uses CUDA when the replica has it.")
+    compute_type: str | None = Field(
+        None, description="CTranslate2 compute type; default int8 on CPU, float16 on CUDA (faster-whisper)."
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="torch dtype; 'auto' is float16 on CUDA and float32 on CPU (transformers)."
+    )
+    max_batch_size: int = Field(32, ge=1, description="Dynamic batching: most inputs in one forward pass.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="Dynamic batching: wait this long to fill.")
+    max_inputs: int = Field(2048, ge=1, description="Most inputs accepted in one embeddings request.")
+    max_queue: int = Field(16, ge=0, description="Requests waiting for a busy instance before 503 (speech).")
+    max_new_tokens: int = Field(512, ge=1, description="Cap on generated tokens per request (text).")
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, v: str) -> str:
+        if v not in FAMILIES:
+            raise ValueError(f"unknown family {v!r}; expected one of: {', '.join(FAMILIES)}")
+        return v
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _gpu_fraction(cls, v: float) -> float:
+        if not 0 < v <= 1:
+            raise ValueError(f"num_gpus must be in (0, 1], got {v!r}")
+        return v
+
+    @field_validator("source")
+    @classmethod
+    def _source_exists(cls, v: str) -> str:
+        kind, _ = split_source(v)
+        if kind == "path":
+            path = Path(v).expanduser()
+            if not path.exists():
+                raise ValueError(f"source path {v!r} does not exist")
+        elif kind == "package":
+            name = v.split(":", 1)[1]
+            if not name.isidentifier():
+                raise ValueError(f"source package {name!r} is not a valid module name")
+        return v
+
+    def resolve_source(self) -> str:
+        """Return what the model library should open: a local path or a hub id."""
+        return resolve_source(self.source)
+
+
+def split_source(source: str) -> tuple[str, str]:
+    if source.startswith("package:"):
+        return "package", source.split(":", 1)[1]
+    if source.startswith("hub:"):
+        return "hub", source.split(":", 1)[1]
+    return "path", source
+
+
+def resolve_source(source: str) -> str:
+    kind, value = split_source(source)
+    if kind == "package":
+        try:
+            module = importlib.import_module(value)
+        except ImportError as exc:
+            raise ValueError(
+                f"source package {value!r} is not installed; install it (pip install "
+                f"{value.replace('_', '-')}) or point source at a local directory"
+            ) from exc
+        return str(module.get_model_path())
+    if kind == "hub":
+        return value
+    return str(Path(value).expanduser().resolve())
+
+
+class RouterConfig(_Frozen):
+    """The cluster router: memory accounting and placement."""
+
+    tick_s: float = Field(1.0, gt=0, description="How often the router re-plans without an event.")
+    probe_interval_s: float = Field(1.0, gt=0, description="How often each node's probe reads its GPUs.")
+    heartbeat_s: float = Field(2.0, gt=0, description="How often replicas report to the router.")
+    replica_timeout_s: float = Field(10.0, gt=0, description="No heartbeat this long: the replica is gone.")
+    margin_fraction: float = Field(0.05, ge=0, lt=1, description="Safety margin, as a fraction of a GPU.")
+    margin_bytes: int = Field(512 * MiB, ge=0, description="Safety margin in bytes; the larger margin wins.")
+    headroom_factor: float = Field(1.2, ge=1, description="Measured footprint times this is a model's need.")
+    weights_factor: float = Field(1.3, ge=1, description="Weight files' size times this, before any load.")
+    max_loads_per_gpu: int = Field(1, ge=1, description="Concurrent loads on one GPU.")
+    max_models_per_gpu: int | None = Field(None, ge=1, description="Cap on resident models per GPU.")
+    aging_s: float = Field(30.0, gt=0, description="Waiting this long raises a load's priority by one.")
+    host_ram_budget_bytes: int | None = Field(
+        None, ge=0, description="Host RAM for the CPU tier per node; null: half of the node's RAM."
+    )
+    request_timeout_s: float = Field(60.0, gt=0, description="A load waiting longer than this answers 503.")
+    simulated_gpu_bytes: int = Field(16 * GiB, gt=0, description="Total of each simulated GPU (no NVML).")
+    simulated_external_bytes: dict[str, int] = Field(
+        default_factory=dict, description="Simulated use by other processes, per GPU id."
+    )
+
+
+class HttpConfig(_Frozen):
+    max_upload_bytes: int = Field(25 * MiB, gt=0, description="Largest audio upload (OpenAI's limit is 25 MB).")
+    num_cpus: float = Field(0.1, ge=0, description="Logical CPUs for the ingress replica.")
+    num_replicas: int = Field(1, ge=1, description="Ingress replicas.")
+
+
+class AppConfig(_Frozen):
+    """Everything in the application's `args`."""
+
+    models: list[ModelConfig] = Field(..., min_length=1)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    namespace: str = Field("gpu-serve", description="Ray namespace of the router and probe actors.")
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> AppConfig:
+        seen: set[str] = set()
+        for m in self.models:
+            if m.id in seen:
+                raise ValueError(f"model id {m.id!r} is listed twice in models")
+            seen.add(m.id)
+        return self
+
+    def model(self, model_id: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.id == model_id), None)
+
+
+class ConfigError(ValueError):
+    """The application's args are invalid; the message names each field and value."""
+
+
+def parse_app_config(args: dict[str, Any]) -> AppConfig:
+    try:
+        return AppConfig.model_validate(args)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = _format_loc(err["loc"], args)
+            value = err.get("input")
+            lines.append(f"  {loc}: {err['msg']} (got {value!r})")
+        raise ConfigError("invalid gpu-serve config:\n" + "\n".join(lines)) from None
+
+
+def _format_loc(loc: tuple[Any, ...], args: dict[str, Any]) -> str:
+    parts: list[str] = []
+    node: Any = args
+    for item in loc:
+        if isinstance(item, int):
+            label = f"[{item}]"
+            if isinstance(node, list) and item < len(node) and isinstance(node[item], dict) and "id" in node[item]:
+                label = f"[{item}](id={node[item]['id']!r})"
+            parts.append(label)
+        else:
+            parts.append(("." if parts else "") + str(item))
+        try:
+            node = node[item]
+        except (KeyError, IndexError, TypeError):
+            node = None
+    return "".join(parts)
+
+
+class Settings(BaseSettings):
+    """Process-level settings from the environment (prefix GPU_SERVE_)."""
+
+    model_config = SettingsConfigDict(env_prefix="GPU_SERVE_", extra="ignore")
+
+    log_level: str = Field("WARNING", description="Log level of the service's own loggers.")
+    log_json: bool = Field(True, description="Structured (JSON) log lines.")
+
+
+def log_effective(config: AppConfig) -> None:
+    for m in config.models:
+        logger.info(
+            "model %s family=%s source=%s num_gpus=%s idle_timeout_s=%s release_timeout_s=%s",
+            m.id, m.family, m.source, m.num_gpus, m.idle_timeout_s, m.release_timeout_s,
+        )
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in {"1", "true", "yes"}

