@@ -109,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
         _say(f"Application ready in {time.perf_counter() - t0:.1f}s.")
         _say(f"  API:        {base}/v1  (OpenAI-compatible)")
         _say(f"  Status:     {base}/gpu/status   Health: {base}/health")
-        _say(f"  Dashboard:  http://{dashboard}  (token auth is on: the token is in {Path.home() / '.ray' / 'auth_token'})")
+        token = Path.home() / ".ray" / "auth_token"
+        _say(f"  Dashboard:  http://{dashboard}  (token auth is on: the token is in {token})")
         _say("Press Ctrl-C to stop.")
         while not stop.wait(0.5):
             pass

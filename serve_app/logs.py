@@ -33,7 +33,8 @@ def configure_logging(settings: Settings | None = None) -> None:
     logger = logging.getLogger("serve_app")
     logger.setLevel(settings.log_level.upper())
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if settings.log_json else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    plain = logging.Formatter("%(levelname)s %(name)s: %(message)s")
+    handler.setFormatter(JsonFormatter() if settings.log_json else plain)
     logger.addHandler(handler)
     logger.propagate = False
     _configured = True

@@ -211,7 +211,7 @@ class Router:
         self._decide_and_act()
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout=timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pending = self.pending.pop(request_id, None)
             reason = pending.reason if pending else "timed out"
             return {"admitted": False, "reason": reason, "retry_after_s": max(1.0, rc.tick_s * 5)}
@@ -401,10 +401,13 @@ class Router:
         for rid, fut in targets:
             try:
                 results.append(await asyncio.wait_for(fut, timeout=timeout))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 results.append({"replica": rid, "outcome": f"no answer within {timeout:.0f}s", "state": None})
         self._wake.set()
-        return [{"model": self.replicas[r["replica"]].model if r["replica"] in self.replicas else model, **r} for r in results]
+        return [
+            {"model": self.replicas[r["replica"]].model if r["replica"] in self.replicas else model, **r}
+            for r in results
+        ]
 
     async def status(self) -> dict[str, Any]:
         from serve_app.policy import gpu_free_bytes, margin_bytes
@@ -462,7 +465,8 @@ class Router:
             }
             for p in sorted(self.pending.values(), key=lambda p: p.load.enqueued_at)
         ]
-        return {"gpus": gpus, "models": models, "queue": queue, "router": {"ticks": self.ticks, "uptime_s": round(now - self.started_at, 1)}}
+        router = {"ticks": self.ticks, "uptime_s": round(now - self.started_at, 1)}
+        return {"gpus": gpus, "models": models, "queue": queue, "router": router}
 
     async def ping(self) -> bool:
         return True

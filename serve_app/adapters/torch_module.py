@@ -64,7 +64,7 @@ class TorchModuleAdapter:
                     i: torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
                     for i, (_, t) in enumerate(slots)
                 }
-            for i, (owner, t) in enumerate(slots):
+            for i, (_, t) in enumerate(slots):
                 self._host[i].copy_(t, non_blocking=True)
             torch.cuda.synchronize(self.device)
             for i, (owner, _) in enumerate(slots):

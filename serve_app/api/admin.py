@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serve_app.api.context import Context, get_context
-from serve_app.api.errors import json_body, unwrap
+from serve_app.api.errors import invalid_from_validation, json_body, unwrap
 from serve_app.errors import InvalidRequest, ServeError
 
 router = APIRouter(prefix="/gpu")
@@ -34,9 +34,7 @@ def _parse(cls: type[BaseModel], body: Any) -> Any:
     try:
         return cls.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise InvalidRequest(f"{param}: {first['msg']} (got {first.get('input')!r})", param=param) from None
+        raise invalid_from_validation(exc) from None
 
 
 async def _body(request: Request) -> Any:
@@ -88,7 +86,9 @@ async def load(request: Request, ctx: Context = Depends(get_context)) -> dict[st
     return {
         "action": "load",
         "model": cmd.model,
-        "instances": [{"model": cmd.model, "replica": status["replica"], "outcome": "loaded", "state": status["state"]}],
+        "instances": [
+            {"model": cmd.model, "replica": status["replica"], "outcome": "loaded", "state": status["state"]}
+        ],
     }
 
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serve_app.api.context import Context, get_context
-from serve_app.api.errors import json_body
+from serve_app.api.errors import invalid_from_validation, json_body
 from serve_app.errors import InvalidRequest
 
 router = APIRouter()
@@ -30,7 +30,7 @@ def parse_request(body: Any) -> EmbeddingsRequest:
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
     raw_input = body.get("input")
-    if isinstance(raw_input, list) and raw_input and all(isinstance(x, int) for x in raw_input) or (
+    if (isinstance(raw_input, list) and raw_input and all(isinstance(x, int) for x in raw_input)) or (
         isinstance(raw_input, list) and raw_input and all(isinstance(x, list) for x in raw_input)
     ):
         raise InvalidRequest(
@@ -39,9 +39,7 @@ def parse_request(body: Any) -> EmbeddingsRequest:
     try:
         return EmbeddingsRequest.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise InvalidRequest(f"{param}: {first['msg']}", param=param) from None
+        raise invalid_from_validation(exc) from None
 
 
 @router.post("/v1/embeddings")

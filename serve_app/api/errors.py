@@ -77,3 +77,14 @@ async def json_body(request: Request) -> Any:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"malformed JSON body: {exc}; send a JSON object", code="invalid_json") from None
+
+
+def invalid_from_validation(exc: Any) -> Any:
+    """A pydantic ValidationError as a 400 naming the top-level field (OpenAI's `param`)."""
+    from serve_app.errors import InvalidRequest
+
+    first = exc.errors()[0]
+    loc = [str(p) for p in first.get("loc", ())]
+    param = loc[0] if loc else None
+    where = ".".join(loc) or "body"
+    return InvalidRequest(f"{where}: {first['msg']} (got {first.get('input')!r})", param=param)

@@ -6,6 +6,7 @@ under `args:` in serve_config.yaml) and returns its base URL. Each deploy replac
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
@@ -81,10 +82,8 @@ def _kill_named_actors(namespace: str) -> None:
 
     for info in ray.util.list_named_actors(all_namespaces=True):
         if info.get("namespace") == namespace:
-            try:
+            with contextlib.suppress(ValueError):
                 ray.kill(ray.get_actor(info["name"], namespace=namespace))
-            except ValueError:
-                pass
 
 
 @pytest.fixture(scope="session")

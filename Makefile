@@ -1,0 +1,58 @@
+# Two commands for a fresh machine: `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+SYSTEM_PACKAGES := espeak-ng sox
+PYTEST_ARGS ?=
+
+.PHONY: run test install install-test system-deps lint unit integration bench clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q -e '.[models]'
+	@touch $@
+
+$(TEST_STAMP): pyproject.toml $(STAMP)
+	$(PIP) install -q -e '.[models,test]'
+	@touch $@
+
+install: $(STAMP)
+
+install-test: $(TEST_STAMP) system-deps
+
+system-deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then echo "Installing system packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "Missing system packages:$$missing (run: sudo apt-get install$$missing)"; exit 1; fi; \
+	fi
+
+run: $(STAMP)
+	$(PY) -m serve_app run
+
+lint: $(TEST_STAMP)
+	$(VENV)/bin/ruff check serve_app deployments tests bench
+
+test: install-test
+	$(VENV)/bin/ruff check serve_app deployments tests bench
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+unit: $(TEST_STAMP)
+	$(PY) -m pytest -q tests/unit
+
+integration: install-test
+	$(PY) -m pytest -q tests/integration
+
+bench: $(TEST_STAMP)
+	$(PY) bench/policy_decide.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
