@@ -28,7 +28,7 @@ def bind_model(model: ModelConfig, config: AppConfig) -> Any:
     cls = _deployment_class(model.family)
     return cls.options(
         name=deployment_name(model.id),
-        ray_actor_options={"num_gpus": model.num_gpus, "num_cpus": model.num_cpus},
+        ray_actor_options={"num_gpus": model.num_gpus, "num_cpus": model.num_cpus, "resources": dict(model.resources)},
         autoscaling_config=model.autoscaling.to_serve(),
         max_ongoing_requests=model.max_ongoing_requests,
         graceful_shutdown_timeout_s=60,

@@ -84,6 +84,9 @@ class ModelConfig(_Frozen):
     )
     num_gpus: float = Field(0.25, description="Fraction of a GPU each replica reserves in Ray, in (0, 1].")
     num_cpus: float = Field(0.25, ge=0, description="Logical CPUs each replica reserves in Ray.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each replica needs (to pin a model to labelled nodes)."
+    )
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     max_ongoing_requests: int = Field(16, ge=1, description="Requests Serve sends one replica at once.")
     # Lifecycle policy knobs.
@@ -252,7 +255,7 @@ def _format_loc(loc: tuple[Any, ...], args: dict[str, Any]) -> str:
             node = node[item]
         except (KeyError, IndexError, TypeError):
             node = None
-    return "".join(parts)
+    return "".join(parts) or "args"  # a whole-config check (duplicate ids) has an empty location
 
 
 class Settings(BaseSettings):

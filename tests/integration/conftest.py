@@ -49,27 +49,35 @@ def embeddings_model(**overrides: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[None]:
+def ray_cluster() -> Iterator[Any]:
+    """Two GPU nodes on one machine: a head without GPUs and two workers with 2 logical GPUs each.
+
+    Worker A carries the custom resource `node_a` and worker B `node_b`, so a test can pin a
+    model to one node. Ray packs fractional GPUs onto a node's first GPU before the next one.
+    """
     import ray
+    from ray.cluster_utils import Cluster
 
     os.environ.setdefault("GPU_SERVE_LOG_LEVEL", "WARNING")
-    ray.init(
-        num_cpus=4,
-        num_gpus=2,
-        include_dashboard=False,
-        _temp_dir=tempfile.mkdtemp(prefix="gpu-serve-test-"),
-        logging_level="WARNING",
-        log_to_driver=False,
+    # Ray looks for its session files under RAY_TMPDIR; a private one keeps parallel runs apart.
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="gpu-serve-test-")
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "num_gpus": 0, "include_dashboard": False},
     )
-    yield
+    cluster.add_node(num_cpus=2, num_gpus=2, resources={"node_a": 100})
+    cluster.add_node(num_cpus=2, num_gpus=2, resources={"node_b": 100})
+    ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+    yield cluster
     from ray import serve
 
     serve.shutdown()
     ray.shutdown()
+    cluster.shutdown()
 
 
 @pytest.fixture(scope="session")
-def serve_port(ray_cluster: None) -> int:
+def serve_port(ray_cluster: Any) -> int:
     from ray import serve
 
     port = free_port()
