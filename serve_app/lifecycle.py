@@ -203,6 +203,8 @@ class Lifecycle:
             async with self._cond:
                 self._busy = None
                 self._cond.notify_all()
+        if self.state is not S.CPU:  # `_run_offload` kept the model on the GPU
+            return f"failed: {self.last_error}"
         return f"offloaded: {self.state.value}"
 
     async def release(self, reason: str = "requested") -> str:
@@ -241,12 +243,15 @@ class Lifecycle:
         idle = now - self.last_used_at
         if self.state is S.GPU and self.policy.idle_timeout_s is not None and idle >= self.policy.idle_timeout_s:
             return await self.offload(f"idle {idle:.1f}s >= idle_timeout_s {self.policy.idle_timeout_s}")
+        idle_on_cpu = now - max(self.last_used_at, self.since)
         if (
             self.state is S.CPU
             and self.policy.release_timeout_s is not None
-            and idle >= self.policy.release_timeout_s
+            and idle_on_cpu >= self.policy.release_timeout_s
         ):
-            return await self.release(f"idle {idle:.1f}s >= release_timeout_s {self.policy.release_timeout_s}")
+            return await self.release(
+                f"idle on CPU {idle_on_cpu:.1f}s >= release_timeout_s {self.policy.release_timeout_s}"
+            )
         return None
 
     # --- transitions -----------------------------------------------------------------------

@@ -129,6 +129,12 @@ class Router:
         self._wake.set()
         return self.policies.get(info["model"], {})
 
+    async def deregister(self, replica_id: str) -> None:
+        rec = self.replicas.pop(replica_id, None)
+        if rec is not None:
+            logger.info("replica %s of model %r left; dropped from accounting", replica_id, rec.model)
+            self._wake.set()
+
     async def heartbeat(self, info: dict[str, Any]) -> bool:
         rec = self.replicas.get(info["replica"])
         if rec is None:
@@ -319,7 +325,7 @@ class Router:
                     state=state,
                     bytes_gpu=bytes_gpu,
                     bytes_cpu=int(st.get("bytes_cpu") or 0),
-                    last_used_at=self.clock() - float(st.get("idle_s") or 0.0),
+                    last_used_at=self.clock() - _idle_in_state(st),
                     in_flight=int(st.get("in_flight") or 0) + int(st.get("waiting") or 0),
                     priority=int(policy.get("priority", 0)),
                     idle_timeout_s=policy.get("idle_timeout_s"),
@@ -470,6 +476,14 @@ class Router:
 
     async def ping(self) -> bool:
         return True
+
+
+def _idle_in_state(status: dict[str, Any]) -> float:
+    """Idle time as the timeouts mean it: on CPU, counted from when the model reached the CPU."""
+    idle = float(status.get("idle_s") or 0.0)
+    if status.get("state") == S.CPU.value and status.get("since_s") is not None:
+        return min(idle, float(status["since_s"]))
+    return idle
 
 
 def _measured(router: Router, model: str) -> int | None:

@@ -81,9 +81,13 @@ class RouterLink:
         self._tasks = [loop.create_task(self._report_loop()), loop.create_task(self._command_loop())]
 
     def stop(self) -> None:
+        """Leave the accounting at once (Serve scaled this replica away), instead of timing out."""
         self._stopped = True
         for task in self._tasks:
             task.cancel()
+        if self._router is not None:
+            with contextlib.suppress(Exception):
+                self._router.deregister.remote(self.replica_id)
 
     # --- what the replica tells the router --------------------------------------------------
 
@@ -175,7 +179,7 @@ class RouterLink:
             elif kind == "release":
                 outcome = await self._lifecycle.release(reason)
             elif kind == "load":
-                outcome = await self._lifecycle.load(reason)
+                outcome = "loaded: " + await self._lifecycle.load(reason)
             elif kind == "policy":
                 self._apply_policy(command["policy"])
                 outcome = "policy updated"

@@ -69,7 +69,10 @@ class TorchModuleAdapter:
             torch.cuda.synchronize(self.device)
             for i, (owner, _) in enumerate(slots):
                 owner(self._host[i])
+            # The copy loop's `t` still names the last GPU tensor: without dropping it, its block
+            # survives empty_cache() and stays reserved (used, to NVML) after the offload.
             del slots
+            t = None
             gc.collect()
             torch.cuda.empty_cache()
         self._on_device = False
@@ -153,5 +156,10 @@ def weights_size(path: str | None) -> int | None:
         return p.stat().st_size
     if not p.is_dir():
         return None
-    total = sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
-    return total or None
+    files = [f for f in p.rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES]
+    # A checkpoint often ships the same weights twice (safetensors and .bin): count one format.
+    for suffix in WEIGHT_SUFFIXES:
+        chosen = [f for f in files if f.suffix == suffix]
+        if chosen:
+            return sum(f.stat().st_size for f in chosen)
+    return None

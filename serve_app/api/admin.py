@@ -74,11 +74,14 @@ async def release(request: Request, ctx: Context = Depends(get_context)) -> dict
 
 @router.post("/load")
 async def load(request: Request, ctx: Context = Depends(get_context)) -> dict[str, Any]:
-    """Preheat: go through Serve so a model scaled to zero gets a replica."""
+    """Preheat every replica of the model; with none (scaled to zero), ask Serve for one."""
     cmd = _parse(ModelCommand, await _body(request))
     if cmd.model is None:
         raise InvalidRequest("model is required for /gpu/load", param="model")
     ctx.model(cmd.model)
+    result = await _command(ctx, "load", cmd.model)
+    if result["instances"]:
+        return result
     try:
         status = await ctx.handles[cmd.model].preheat.remote()
     except Exception as exc:

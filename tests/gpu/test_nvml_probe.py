@@ -1,0 +1,57 @@
+"""NvmlProbe against the real driver: skipped on machines without an NVIDIA GPU.
+
+Checks what the unit tests' fake `pynvml` cannot: the field names and units of the installed
+nvidia-ml-py, and that reading memory creates no CUDA context (the probe runs in the router's
+node actor, which must not pin ~500 MiB on every GPU).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from serve_app.probes import NvmlProbe, pick_probe
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not NvmlProbe.available(), reason="NVML unavailable (no NVIDIA driver or GPU)"),
+]
+
+
+def test_readings_are_consistent() -> None:
+    readings = NvmlProbe().read()
+    assert readings, "NVML is available but reported no GPU"
+    assert [r.index for r in readings] == list(range(len(readings)))
+    for r in readings:
+        assert r.uuid.startswith(("GPU-", "MIG-")), r.uuid
+        assert isinstance(r.name, str) and r.name
+        assert r.total_bytes > 0
+        assert 0 <= r.free_bytes <= r.total_bytes
+        # used + free can fall short of total by the driver's reserved memory (NVML v2 info).
+        assert r.used_bytes + r.free_bytes <= r.total_bytes
+        assert not r.simulated
+        for pid, used in r.processes:
+            assert pid > 0 and used >= 0
+
+
+def test_visible_indices_filter() -> None:
+    everything = NvmlProbe().read()
+    assert [r.uuid for r in NvmlProbe(visible_indices=[0]).read()] == [everything[0].uuid]
+
+
+def test_pick_probe_picks_nvml() -> None:
+    assert isinstance(pick_probe("gpu-test"), NvmlProbe)
+
+
+def test_reading_creates_no_cuda_context() -> None:
+    # In a fresh process: read, then check our pid is not among the GPU's compute processes
+    # and torch was never imported.
+    code = (
+        "import os, sys; from serve_app.probes import NvmlProbe; p = NvmlProbe(); p.read(); "
+        "rs = p.read(); pids = {pid for r in rs for pid, _ in r.processes}; "
+        "print(os.getpid() in pids, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
