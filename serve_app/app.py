@@ -30,10 +30,18 @@ def bind_model(model: ModelConfig, config: AppConfig) -> Any:
         name=deployment_name(model.id),
         ray_actor_options={"num_gpus": model.num_gpus, "num_cpus": model.num_cpus, "resources": dict(model.resources)},
         autoscaling_config=model.autoscaling.to_serve(),
-        max_ongoing_requests=model.max_ongoing_requests,
+        max_ongoing_requests=_max_ongoing(model),
+        max_queued_requests=model.max_queued_requests,
         graceful_shutdown_timeout_s=60,
         graceful_shutdown_wait_loop_s=1,
     ).bind(model.model_dump(mode="json"), config.model_dump(mode="json"))
+
+
+def _max_ongoing(model: ModelConfig) -> int:
+    """Speech replicas queue requests themselves (bounded by max_queue, then 503): let Serve send them."""
+    if model.family == "faster-whisper":
+        return max(model.max_ongoing_requests, model.max_queue + 2)
+    return model.max_ongoing_requests
 
 
 def build_app(args: dict[str, Any]) -> Any:

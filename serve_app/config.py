@@ -89,6 +89,9 @@ class ModelConfig(_Frozen):
     )
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     max_ongoing_requests: int = Field(16, ge=1, description="Requests Serve sends one replica at once.")
+    max_queued_requests: int = Field(
+        256, ge=1, description="Requests Serve holds for this model when every replica is busy; beyond: 503."
+    )
     # Lifecycle policy knobs.
     idle_timeout_s: float | None = Field(
         300.0, ge=0, description="Idle on GPU this long: offload to CPU. 0 offloads right after use; null never."

@@ -6,7 +6,8 @@
     ├── ModelNotFound             (404; the message lists the served ids)
     ├── CapacityError             (503 + Retry-After: no GPU room within the request timeout)
     │   └── QueueFull             (503 + Retry-After: too many requests waiting on an instance)
-    └── ModelLoadError            (503: the load or restore failed; the next request tries again)
+    ├── ModelLoadError            (503: the load or restore failed; the next request tries again)
+    └── RouterUnavailable         (503 + Retry-After: the router actor is restarting)
 
 Every message says what happened and what to do next.
 """
@@ -97,6 +98,21 @@ class ModelLoadError(ServeError):
             "check the model's source and the replica logs if this persists."
         )
         self.model, self.stage = model, stage
+
+
+class RouterUnavailable(ServeError):
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "router_unavailable"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            f"the GPU router is not reachable ({detail}); models keep serving, but admin commands and "
+            "status need it. It restarts on its own: retry in a few seconds."
+        )
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "2"}
 
 
 def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:

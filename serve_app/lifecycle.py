@@ -81,6 +81,8 @@ class Lifecycle:
     clock: Callable[[], float] = time.monotonic
     admit: Admission | None = None
     on_event: Callable[[TransitionEvent], None] | None = None
+    #: Called with the in-flight count when it becomes 1 (busy) or 0 (idle).
+    on_usage: Callable[[int], None] | None = None
 
     def __post_init__(self) -> None:
         self.state: ModelState = S.UNLOADED
@@ -131,6 +133,7 @@ class Lifecycle:
                         continue
                     if self.state is S.GPU:
                         self.in_flight += 1
+                        self._usage_changed()
                         return
                     kind = "load" if self.state is S.UNLOADED else "restore"
                     self._busy = kind
@@ -139,24 +142,50 @@ class Lifecycle:
                     break
             finally:
                 self._waiters -= 1
-        # The transition runs outside the lock so others can queue and heartbeats go on.
+        # The transition runs outside the lock so others can queue and heartbeats go on. It is
+        # shielded: if this request is cancelled (client gone), the move still finishes for the
+        # requests queued behind it, and no release can overlap a load still in its thread.
+        task = asyncio.ensure_future(self._bring_up(kind))
         try:
-            await self._bring_up(kind)
-        except BaseException as exc:
-            async with self._cond:
-                self._busy = None
-                self._failed_attempt, self._failed_error = attempt, exc
-                self._cond.notify_all()
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                await self._finish_bring_up(attempt, task, take_lease=False)
+            else:
+                task.add_done_callback(
+                    lambda t: asyncio.ensure_future(self._finish_bring_up(attempt, t, take_lease=False))
+                )
             raise
+        except BaseException:
+            pass  # reported below, to this request and to those that waited on it
+        await self._finish_bring_up(attempt, task, take_lease=True)
+
+    async def _finish_bring_up(self, attempt: int, task: asyncio.Future[None], *, take_lease: bool) -> None:
+        exc: BaseException | None = asyncio.CancelledError() if task.cancelled() else task.exception()
         async with self._cond:
             self._busy = None
-            self.in_flight += 1  # taken in the same critical section: no offload can slip in
+            if exc is not None:
+                self._failed_attempt, self._failed_error = attempt, exc
+            elif take_lease:
+                self.in_flight += 1  # taken in the same critical section: no offload can slip in
+                self._usage_changed()
             self._cond.notify_all()
+        if exc is not None and take_lease:
+            raise exc
+
+    def _usage_changed(self) -> None:
+        """Tell the observer when the model goes busy or idle (edges only, not every request)."""
+        if self.on_usage is not None and self.in_flight in (0, 1):
+            try:
+                self.on_usage(self.in_flight)
+            except Exception:
+                logger.exception("lifecycle usage observer failed")
 
     async def _release_lease(self) -> None:
         async with self._cond:
             self.in_flight -= 1
             self.last_used_at = self.clock()
+            self._usage_changed()
             self._cond.notify_all()
             after_use = (
                 self.in_flight == 0

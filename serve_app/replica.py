@@ -47,6 +47,7 @@ class ModelReplica:
             ),
             admit=self.link.admit,
             on_event=self.link.on_transition,
+            on_usage=self.link.on_usage,
         )
         self.link.attach(self.lifecycle, self.adapter)
         self.link.start()
@@ -57,7 +58,14 @@ class ModelReplica:
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run blocking model work in a thread while holding a lease on the model."""
         async with self.lifecycle.use():
-            return await asyncio.to_thread(fn, *args, **kwargs)
+            work = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+            try:
+                return await asyncio.shield(work)
+            except asyncio.CancelledError:
+                # A thread cannot be stopped: keep the lease until it ends, so no offload or
+                # release moves the weights under a forward pass still running.
+                await asyncio.wait([work])
+                raise
 
     # --- called through the Serve handle ----------------------------------------------------
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serve_app.config import AppConfig
-from serve_app.lifecycle_states import HOLDS_GPU, ModelState
+from serve_app.lifecycle_states import ModelState
 from serve_app.snapshot import (
     Admit,
     GpuView,
@@ -37,6 +37,7 @@ logger = logging.getLogger("serve_app.router")
 
 ROUTER_NAME = "gpu-serve-router"
 S = ModelState
+RESIDENT = frozenset({S.GPU.value, S.OFFLOADING.value})
 
 
 @dataclass
@@ -228,7 +229,12 @@ class Router:
 
     async def report_gpus(self, node_id: str, readings: list[dict[str, Any]], host_budget: int) -> dict[str, Any]:
         now = self.clock()
+        resident = self._resident()
         for r in readings:
+            if r.get("simulated"):
+                # The router knows the simulated truth first-hand; a probe's copy lags one interval.
+                used = min(r["total_bytes"], resident.get(r["uuid"], 0) + self.external.get(r["uuid"], 0))
+                r = {**r, "used_bytes": used, "free_bytes": r["total_bytes"] - used}
             view = GpuView(
                 uuid=r["uuid"], node=node_id, index=r["index"], total_bytes=r["total_bytes"],
                 used_bytes=r["used_bytes"], free_bytes=r["free_bytes"], name=r.get("name", ""),
@@ -236,9 +242,8 @@ class Router:
             )
             self.gpus[r["uuid"]] = _GpuReading(view, now, list(r.get("processes", [])))
         self.host_budget[node_id] = host_budget
-        accounted = self._accounted()
         return {
-            "accounted": {r["uuid"]: accounted.get(r["uuid"], 0) for r in readings},
+            "accounted": {r["uuid"]: resident.get(r["uuid"], 0) for r in readings},
             "external": {r["uuid"]: self.external.get(r["uuid"], 0) for r in readings},
         }
 
@@ -247,7 +252,7 @@ class Router:
         self.external[gpu] = used_bytes
         reading = self.gpus.get(gpu)
         if reading is not None and reading.view.simulated:
-            accounted = self._accounted().get(gpu, 0)
+            accounted = self._resident().get(gpu, 0)
             used = min(reading.view.total_bytes, accounted + used_bytes)
             self.gpus[gpu] = _GpuReading(
                 GpuView(**{**_asdict(reading.view), "used_bytes": used, "free_bytes": reading.view.total_bytes - used}),
@@ -255,11 +260,16 @@ class Router:
             )
         self._wake.set()
 
-    def _accounted(self) -> dict[str, int]:
+    def _resident(self) -> dict[str, int]:
+        """Bytes actually allocated per GPU, as NVML would see them: what simulated GPUs report used.
+
+        Reservations of loads still in flight are left out; the policy adds those itself.
+        """
         out: dict[str, int] = {}
-        for inst in self._instances():
-            if inst.gpu is not None and inst.state in HOLDS_GPU:
-                out[inst.gpu] = out.get(inst.gpu, 0) + inst.bytes_gpu
+        for rec in self.replicas.values():
+            st, gpus = rec.status, rec.info.get("gpus")
+            if gpus and st.get("state") in RESIDENT:
+                out[gpus[0]] = out.get(gpus[0], 0) + int(st.get("bytes_gpu") or 0)
         return out
 
     async def _probe_loop(self) -> None:
@@ -449,6 +459,7 @@ class Router:
                     "offload_after_use": policy.get("offload_after_use"),
                     "priority": policy.get("priority"), "pinned": policy.get("pinned"),
                     "last_load_s": st.get("last_load_s"), "last_restore_s": st.get("last_restore_s"),
+                    "last_offload_s": st.get("last_offload_s"), "last_release_s": st.get("last_release_s"),
                     "last_error": st.get("last_error"),
                 }
             )
@@ -461,7 +472,7 @@ class Router:
                     "model": m.id, "replica": None, "node": None, "gpu": None, "state": S.UNLOADED.value,
                     "reason": "no replica", "since_s": None, "device": None, "bytes_gpu": 0, "bytes_cpu": 0,
                     "in_flight": 0, "idle_s": None, **policy, "last_load_s": None, "last_restore_s": None,
-                    "last_error": None,
+                    "last_offload_s": None, "last_release_s": None, "last_error": None,
                 }
             )
         queue = [

@@ -110,6 +110,10 @@ class RouterLink:
     def on_transition(self, event: TransitionEvent) -> None:
         self._report_now.set()
 
+    def on_usage(self, in_flight: int) -> None:
+        """Busy/idle edges reach the router promptly, so it never picks a busy model to evict."""
+        self._report_now.set()
+
     async def _router_handle(self) -> Any:
         if self._router is None:
             self._router = await asyncio.to_thread(self._get_router)

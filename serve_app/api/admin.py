@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serve_app.api.context import Context, get_context
 from serve_app.api.errors import invalid_from_validation, json_body, unwrap
-from serve_app.errors import InvalidRequest, ServeError
+from serve_app.errors import InvalidRequest, RouterUnavailable
 
 router = APIRouter(prefix="/gpu")
 
@@ -42,21 +42,27 @@ async def _body(request: Request) -> Any:
     return await json_body(request) if raw.strip() else {}
 
 
-def _router(ctx: Context) -> Any:
+async def call_router(ctx: Context, method: str, *args: Any) -> Any:
+    """Call the router actor; while it restarts, answer 503 with Retry-After instead of 500."""
+    from ray.exceptions import RayActorError
+
     if ctx.router is None:
-        raise ServeError("the router is not available; check the Ray cluster")
-    return ctx.router
+        raise RouterUnavailable("no router handle")
+    try:
+        return await getattr(ctx.router, method).remote(*args)
+    except RayActorError as exc:
+        raise RouterUnavailable(type(exc).__name__) from None
 
 
 @router.get("/status")
 async def gpu_status(ctx: Context = Depends(get_context)) -> dict[str, Any]:
-    return await _router(ctx).status.remote()
+    return await call_router(ctx, "status")
 
 
 async def _command(ctx: Context, kind: str, model: str | None, params: dict[str, Any] | None = None) -> dict[str, Any]:
     if model is not None:
         ctx.model(model)
-    results = await _router(ctx).command.remote(kind, model, params)
+    results = await call_router(ctx, "command", kind, model, params)
     return {"action": kind, "model": model, "instances": results}
 
 

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_app.errors import ServeError, error_body
+from serve_app.errors import QueueFull, ServeError, error_body
 
 logger = logging.getLogger("serve_app.api")
 
@@ -26,6 +26,10 @@ def unwrap(exc: BaseException) -> BaseException:
 
 def error_response(exc: BaseException) -> JSONResponse:
     exc = unwrap(exc)
+    if type(exc).__name__ == "BackPressureError":  # Serve's bounded queue for a model is full
+        exc = QueueFull(
+            f"too many requests are waiting for this model ({exc}); retry shortly", retry_after_s=2.0
+        )
     if isinstance(exc, ServeError):
         return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers())
     logger.exception("unhandled error", exc_info=exc)
