@@ -414,7 +414,7 @@ def make_replica(transcriber: Any, max_queue: int = 4) -> Any:
 AUDIO = wav_bytes(tone(1.0))
 
 
-async def wait_for(predicate: Any, timeout_s: float = 5.0) -> None:
+async def wait_for(predicate: Any, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached"
