@@ -29,20 +29,14 @@ MODELS = {
 
 
 def speech_wav() -> bytes:
-    """One second of a 440 Hz tone at 16 kHz: enough to time the path, no speech needed."""
-    import io
-    import math
-    import struct
-    import wave
+    """A short spoken sentence from espeak-ng (`make test` installs it). A pure tone would make
+    Whisper hallucinate until its length limit, timing the decoder's worst case instead."""
+    import subprocess
+    import tempfile
 
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes(b"".join(struct.pack("<h", int(8000 * math.sin(2 * math.pi * 440 * i / 16000)))
-                               for i in range(16000)))
-    return buf.getvalue()
+    with tempfile.NamedTemporaryFile(suffix=".wav") as f:
+        subprocess.run(["espeak-ng", "-w", f.name, "The model moves between the GPU and the CPU."], check=True)
+        return Path(f.name).read_bytes()
 
 
 def request(client: httpx.Client, family: str, model_id: str, audio: bytes) -> float:
