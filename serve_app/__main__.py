@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
     from serve_app.app import build_app
     from serve_app.config import ConfigError, parse_app_config
+    from serve_app.logs import serve_logging_config
 
     doc = load_serve_config(Path(args.config))
     app_doc = doc["applications"][0]
@@ -95,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         serve.start(
             http_options={"host": host, "port": port},
             proxy_location=doc.get("proxy_location", "HeadOnly"),
+            logging_config=serve_logging_config(),
         )
         t0 = time.perf_counter()
         serve.run(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from serve_app.config import AppConfig, ModelConfig, parse_app_config
+from serve_app.logs import serve_logging_config
 
 FAMILY_DEPLOYMENTS = {
     "sentence-transformers": ("deployments.embeddings", "EmbeddingsDeployment"),
@@ -33,14 +34,18 @@ def bind_model(model: ModelConfig, config: AppConfig) -> Any:
         max_ongoing_requests=_max_ongoing(model),
         max_queued_requests=model.max_queued_requests,
         graceful_shutdown_timeout_s=60,
+        logging_config=serve_logging_config(),
         graceful_shutdown_wait_loop_s=1,
     ).bind(model.model_dump(mode="json"), config.model_dump(mode="json"))
 
 
 def _max_ongoing(model: ModelConfig) -> int:
-    """Speech replicas queue requests themselves (bounded by max_queue, then 503): let Serve send them."""
+    """Let Serve send a replica what it can use: a full batch (embeddings), or the running file
+    plus its own bounded queue (speech, which answers 503 beyond it)."""
     if model.family == "faster-whisper":
         return max(model.max_ongoing_requests, model.max_queue + 2)
+    if model.family == "sentence-transformers":
+        return max(model.max_ongoing_requests, model.max_batch_size)
     return model.max_ongoing_requests
 
 
@@ -54,5 +59,6 @@ def build_app(args: dict[str, Any]) -> Any:
         num_replicas=config.http.num_replicas,
         ray_actor_options={"num_cpus": config.http.num_cpus},
         max_ongoing_requests=1000,
+        logging_config=serve_logging_config(),
     ).bind(handles, config.model_dump(mode="json"))
 

@@ -268,6 +268,7 @@ class Settings(BaseSettings):
 
     log_level: str = Field("WARNING", description="Log level of the service's own loggers.")
     log_json: bool = Field(True, description="Structured (JSON) log lines.")
+    access_log: bool = Field(False, description="One log line per HTTP request (Serve's access log).")
 
 
 def log_effective(config: AppConfig) -> None:

@@ -24,6 +24,17 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload)
 
 
+def serve_logging_config(settings: Settings | None = None) -> dict[str, object]:
+    """Ray Serve's own logs (controller, proxy, replicas): JSON, at our level, access log off
+    unless asked for, so a healthy service is quiet."""
+    settings = settings or Settings()
+    return {
+        "encoding": "JSON" if settings.log_json else "TEXT",
+        "log_level": settings.log_level.upper(),
+        "enable_access_log": settings.access_log,
+    }
+
+
 def configure_logging(settings: Settings | None = None) -> None:
     """Attach one handler to the `serve_app` logger tree; idempotent per process."""
     global _configured

@@ -45,6 +45,7 @@ class TorchModuleAdapter:
 
     def load(self, device: str) -> None:
         self.device = device
+        quiet_progress_bars()
         try:
             self.model = self._loader(device)
         except BaseException:
@@ -163,3 +164,13 @@ def weights_size(path: str | None) -> int | None:
         if chosen:
             return sum(f.stat().st_size for f in chosen)
     return None
+
+
+def quiet_progress_bars() -> None:
+    """Model libraries draw progress bars on load; in a server they are log noise."""
+    try:
+        import transformers
+
+        transformers.logging.disable_progress_bar()
+    except ImportError:
+        pass
