@@ -116,7 +116,11 @@ class Router:
         self.ticks = 0
         self._probes: dict[str, Any] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self.metrics: Any = None
         if start_loops:
+            from serve_app.metrics import RouterMetrics
+
+            self.metrics = RouterMetrics()
             self._tasks.append(asyncio.get_running_loop().create_task(self._tick_loop()))
             self._tasks.append(asyncio.get_running_loop().create_task(self._probe_loop()))
         logger.info("router started with %d configured models", len(self.config.models))
@@ -304,6 +308,8 @@ class Router:
             try:
                 self._drop_stale()
                 self._decide_and_act()
+                if self.metrics is not None:
+                    self.metrics.observe(await self.status())
             except Exception:
                 logger.exception("router tick failed")
 
@@ -386,6 +392,8 @@ class Router:
                 rec = self.replicas.get(action.replica)
                 if rec is not None and rec.command_outstanding is None:
                     self._send(action.replica, kind, action.reason)
+                    if self.metrics is not None:
+                        self.metrics.evictions.inc(1, {"model": action.model, "kind": kind})
             elif isinstance(action, Wait):
                 pending = self.pending.get(action.request_id)
                 if pending is not None:
@@ -400,6 +408,10 @@ class Router:
             rec.reservation = pending.load.bytes_needed
             rec.reserved_seq = int(rec.status.get("seq", 0))
         pending.future.set_result({"admitted": True, "gpu": action.gpu, "reason": action.reason})
+        if self.metrics is not None:
+            tags = {"model": pending.load.model}
+            self.metrics.admissions.inc(1, tags)
+            self.metrics.admission_wait.observe(max(0.0, self.clock() - pending.load.enqueued_at), tags)
 
     def _send(self, replica_id: str, kind: str, reason: str, **extra: Any) -> asyncio.Future[dict[str, Any]]:
         rec = self.replicas[replica_id]
