@@ -462,12 +462,16 @@ class Router:
         instances = self._instances()
         gpus = []
         for g in self._gpu_views():
+            reading = self.gpus[g.uuid]
             gpus.append(
                 {
                     "uuid": g.uuid, "index": g.index, "node": g.node, "name": g.name,
                     "total_bytes": g.total_bytes, "used_bytes": g.used_bytes,
-                    "free_bytes": max(0, gpu_free_bytes(g, instances, self.limits)),
+                    "free_bytes": gpu_free_bytes(g, instances, self.limits),
                     "margin_bytes": margin_bytes(g, self.limits), "simulated": g.simulated,
+                    "read_s_ago": round(now - reading.read_at, 3),
+                    # Per-process use as NVML reports it: our replicas and anything else on the GPU.
+                    "processes": [{"pid": pid, "used_bytes": used} for pid, used in reading.processes],
                 }
             )
         models = []

@@ -101,6 +101,8 @@ async def test_a_stale_nvml_reading_does_not_cause_a_second_eviction(clock: Fake
     assert router.snapshot().gpus[0].used_bytes == 0
     await router.report_gpus("node-1", [reading(used=0)], host_budget=0)  # a fresh reading resets it
     assert router.snapshot().gpus[0].used_bytes == 0
+    (gpu,) = (await router.status())["gpus"]
+    assert gpu["free_bytes"] == 1000 * MiB and gpu["processes"] == [] and gpu["read_s_ago"] == 0
 
 
 async def test_simulated_gpu_is_computed_from_accounting_and_external_use(clock: FakeClock) -> None:
