@@ -272,7 +272,7 @@ class Lifecycle:
         idle = now - self.last_used_at
         if self.state is S.GPU and self.policy.idle_timeout_s is not None and idle >= self.policy.idle_timeout_s:
             return await self.offload(f"idle {idle:.1f}s >= idle_timeout_s {self.policy.idle_timeout_s}")
-        idle_on_cpu = now - max(self.last_used_at, self.since)
+        idle_on_cpu = self.idle_in_state_s(now)
         if (
             self.state is S.CPU
             and self.policy.release_timeout_s is not None
@@ -381,6 +381,13 @@ class Lifecycle:
 
     # --- reporting -------------------------------------------------------------------------
 
+    def idle_in_state_s(self, now: float | None = None) -> float:
+        """Idle time as the timeouts mean it: on the CPU tier, counted from arrival there."""
+        idle = self.idle_s(now)
+        if self.state is S.CPU:
+            return min(idle, max(0.0, (self.clock() if now is None else now) - self.since))
+        return idle
+
     def idle_s(self, now: float | None = None) -> float:
         if self.in_flight:
             return 0.0
@@ -400,6 +407,7 @@ class Lifecycle:
             "in_flight": self.in_flight,
             "waiting": self._waiters,
             "idle_s": round(self.idle_s(now), 3),
+            "idle_in_state_s": round(self.idle_in_state_s(now), 3),
             "last_used_at": self.last_used_at,
             "idle_timeout_s": self.policy.idle_timeout_s,
             "release_timeout_s": self.policy.release_timeout_s,

@@ -2,13 +2,13 @@
 
 NVML is node-local, so it has to be read on the node itself. Where NVML finds no GPU (CPU
 machines, CI), the node's logical Ray GPUs are simulated with `SimulatedProbe`: used memory
-is what the router accounts on them plus any external usage it was told to simulate.
+is computed by the router itself (what it accounts plus any simulated external use): this
+probe only reports which logical GPUs the node has and their size.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from typing import Any
@@ -27,8 +27,6 @@ class NodeProbe:
         configure_logging()
         self.node_id = node_id
         self.config = AppConfig.model_validate(app)
-        self._accounted: dict[str, int] = {}
-        self._external: dict[str, int] = {}
         if NvmlProbe.available():
             self.probe: Any = NvmlProbe()
             logger.info("node %s: reading GPUs through NVML", node_id[:8])
@@ -40,11 +38,7 @@ class NodeProbe:
                 if node["NodeID"] == node_id:
                     count = int(node.get("Resources", {}).get("GPU", 0))
             total = self.config.router.simulated_gpu_bytes
-            self.probe = SimulatedProbe(
-                [(simulated_uuid(node_id, i), total) for i in range(count)],
-                accounted=lambda gpu: self._accounted.get(gpu, 0),
-                external=self._external,
-            )
+            self.probe = SimulatedProbe([(simulated_uuid(node_id, i), total) for i in range(count)])
             logger.info(
                 "node %s: no NVIDIA GPU found (NVML unavailable); simulating %d GPUs of %.1f GiB",
                 node_id[:8], count, total / 2**30,
@@ -70,12 +64,7 @@ class NodeProbe:
                 if router is None:
                     router = await asyncio.to_thread(get_or_create_router, self.config)
                 readings = [_reading_dict(r) for r in await asyncio.to_thread(self.probe.read)]
-                reply = await router.report_gpus.remote(self.node_id, readings, self.host_budget_bytes())
-                self._accounted.clear()
-                self._accounted.update(reply.get("accounted", {}))
-                for gpu, used in reply.get("external", {}).items():
-                    with contextlib.suppress(Exception):
-                        self.probe.set_external(gpu, used)
+                await router.report_gpus.remote(self.node_id, readings, self.host_budget_bytes())
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

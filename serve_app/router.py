@@ -242,9 +242,8 @@ class Router:
 
     # --- probes ------------------------------------------------------------------------------
 
-    async def report_gpus(self, node_id: str, readings: list[dict[str, Any]], host_budget: int) -> dict[str, Any]:
+    async def report_gpus(self, node_id: str, readings: list[dict[str, Any]], host_budget: int) -> None:
         now = self.clock()
-        resident = self._resident()
         for r in readings:
             view = GpuView(
                 uuid=r["uuid"], node=node_id, index=r["index"], total_bytes=r["total_bytes"],
@@ -253,10 +252,6 @@ class Router:
             )
             self.gpus[r["uuid"]] = _GpuReading(view, now, list(r.get("processes", [])))
         self.host_budget[node_id] = host_budget
-        return {
-            "accounted": {r["uuid"]: resident.get(r["uuid"], 0) for r in readings},
-            "external": {r["uuid"]: self.external.get(r["uuid"], 0) for r in readings},
-        }
 
     async def simulate_external(self, gpu: str, used_bytes: int) -> None:
         """Pretend another process uses `used_bytes` on simulated GPU `gpu` (tests, demos)."""
@@ -341,7 +336,7 @@ class Router:
                     state=state,
                     bytes_gpu=bytes_gpu,
                     bytes_cpu=int(st.get("bytes_cpu") or 0),
-                    last_used_at=self.clock() - _idle_in_state(st),
+                    last_used_at=self.clock() - float(st.get("idle_in_state_s") or 0.0),
                     in_flight=int(st.get("in_flight") or 0) + int(st.get("waiting") or 0),
                     priority=int(policy.get("priority", 0)),
                     idle_timeout_s=policy.get("idle_timeout_s"),
@@ -520,14 +515,6 @@ class Router:
 
     async def ping(self) -> bool:
         return True
-
-
-def _idle_in_state(status: dict[str, Any]) -> float:
-    """Idle time as the timeouts mean it: on CPU, counted from when the model reached the CPU."""
-    idle = float(status.get("idle_s") or 0.0)
-    if status.get("state") == S.CPU.value and status.get("since_s") is not None:
-        return min(idle, float(status["since_s"]))
-    return idle
 
 
 def _measured(router: Router, model: str) -> int | None:

@@ -779,7 +779,8 @@ async def test_status_reports_state_reason_footprint_and_timings(
     status = lc.status()
     assert set(status) == {
         "model", "state", "seq", "reason", "since_s", "device", "bytes_gpu", "bytes_cpu", "in_flight",
-        "waiting", "idle_s", "last_used_at", "idle_timeout_s", "release_timeout_s", "offload_after_use",
+        "waiting", "idle_s", "idle_in_state_s", "last_used_at", "idle_timeout_s", "release_timeout_s",
+        "offload_after_use",
         "priority", "pinned", "last_load_s", "last_restore_s", "last_offload_s", "last_release_s",
         "last_error",
     }  # fmt: skip
@@ -802,7 +803,7 @@ async def test_status_reports_state_reason_footprint_and_timings(
     await request.finish()
     clock.advance(4)
     status = lc.status()
-    assert status["in_flight"] == 0 and status["idle_s"] == 4.0
+    assert status["in_flight"] == 0 and status["idle_s"] == 4.0 and status["idle_in_state_s"] == 4.0
     assert status["last_used_at"] == clock() - 4
 
     await lc.offload("idle")

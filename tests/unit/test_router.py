@@ -36,7 +36,7 @@ def info(replica: str, model: str, state: str = "unloaded", bytes_gpu: int = 0, 
         "replica": replica, "model": model, "node": "node-1", "gpus": ["gpu-0"],
         "declared_bytes": None, "weights_bytes": weights,
         "status": {"state": state, "seq": seq, "bytes_gpu": bytes_gpu, "bytes_cpu": bytes_cpu, "in_flight": 0,
-                   "waiting": 0, "idle_s": idle_s, "since_s": idle_s, "reason": "test"},
+                   "waiting": 0, "idle_s": idle_s, "idle_in_state_s": idle_s, "since_s": idle_s, "reason": "test"},
     }
 
 
