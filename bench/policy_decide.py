@@ -14,9 +14,8 @@ import random
 import statistics
 import time
 
-from serve_app.lifecycle_states import ModelState
-from serve_app.policy import decide
-from serve_app.snapshot import (
+from serve_app.core.policy import decide
+from serve_app.core.snapshot import (
     Admit,
     GpuView,
     InstanceView,
@@ -27,6 +26,7 @@ from serve_app.snapshot import (
     Snapshot,
     Wait,
 )
+from serve_app.core.states import ModelState
 
 GiB = 1024**3
 MiB = 1024**2

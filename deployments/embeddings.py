@@ -12,7 +12,7 @@ import numpy as np
 from ray import serve
 
 from serve_app.adapters.torch_module import TorchModuleAdapter
-from serve_app.replica import ModelReplica
+from serve_app.cluster.replica import ModelReplica
 
 
 def load_sentence_transformer(path: str, device: str) -> Any:

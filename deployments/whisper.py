@@ -42,8 +42,8 @@ import numpy as np
 from ray import serve
 
 from serve_app.adapters.ctranslate2 import CTranslate2WhisperAdapter
+from serve_app.cluster.replica import ModelReplica
 from serve_app.errors import InvalidRequest, QueueFull
-from serve_app.replica import ModelReplica
 
 logger = logging.getLogger("serve_app.deployments.whisper")
 T = TypeVar("T")

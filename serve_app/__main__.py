@@ -36,7 +36,7 @@ def start_ray(logical_gpus: int, logical_cpus: int | None) -> bool:
     """Join RAY_ADDRESS when set, else start a local cluster. Returns True if we started it."""
     import ray
 
-    from serve_app.gpu import nvml_gpu_count
+    from serve_app.cluster.gpu import nvml_gpu_count
 
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING)

@@ -40,8 +40,8 @@ def build_fastapi() -> FastAPI:
 @serve.ingress(build_fastapi)
 class Ingress:
     def __init__(self, handles: dict[str, Any], app: dict[str, Any]) -> None:
+        from serve_app.cluster.router import get_or_create_router
         from serve_app.logs import configure_logging
-        from serve_app.router import get_or_create_router
 
         configure_logging()
         config = AppConfig.model_validate(app)

@@ -6,7 +6,7 @@ import pytest
 
 
 def _cuda_available() -> bool:
-    from serve_app.gpu import nvml_gpu_count
+    from serve_app.cluster.gpu import nvml_gpu_count
 
     return nvml_gpu_count() > 0
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serve_app.probes import NvmlProbe
+from serve_app.cluster.probes import NvmlProbe
 
 pytestmark = [
     pytest.mark.gpu,

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from serve_app.probes import NvmlProbe, pick_probe
+from serve_app.cluster.probes import NvmlProbe, pick_probe
 
 pytestmark = [
     pytest.mark.gpu,
@@ -49,7 +49,7 @@ def test_reading_creates_no_cuda_context() -> None:
     # In a fresh process: read, then check our pid is not among the GPU's compute processes
     # and torch was never imported.
     code = (
-        "import os, sys; from serve_app.probes import NvmlProbe; p = NvmlProbe(); p.read(); "
+        "import os, sys; from serve_app.cluster.probes import NvmlProbe; p = NvmlProbe(); p.read(); "
         "rs = p.read(); pids = {pid for r in rs for pid, _ in r.processes}; "
         "print(os.getpid() in pids, 'torch' in sys.modules)"
     )

@@ -206,7 +206,7 @@ def test_load_that_needs_room_evicts_the_lru_idle_model(url: str, client: openai
 def test_load_that_cannot_fit_waits_and_external_usage_is_respected(url: str, client: openai.OpenAI) -> None:
     import ray
 
-    from serve_app.router import ROUTER_NAME
+    from serve_app.cluster.router import ROUTER_NAME
 
     router = ray.get_actor(ROUTER_NAME, namespace=NAMESPACE)
     gpu = instances(url, EMB)[0]["gpu"]
@@ -265,7 +265,7 @@ def test_commands_during_traffic_never_break_a_request(url: str, client: openai.
 def test_router_killed_mid_traffic(url: str, client: openai.OpenAI) -> None:
     import ray
 
-    from serve_app.router import ROUTER_NAME
+    from serve_app.cluster.router import ROUTER_NAME
 
     router = ray.get_actor(ROUTER_NAME, namespace=NAMESPACE)
     stop = threading.Event()

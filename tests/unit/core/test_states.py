@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from serve_app.lifecycle_states import ALLOWED, IllegalTransition, ModelState, check_transition
+from serve_app.core.states import ALLOWED, IllegalTransition, ModelState, check_transition
 
 S = ModelState
 PAIRS = list(itertools.product(ModelState, repeat=2))

@@ -39,10 +39,9 @@ from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from serve_app.lifecycle_states import HOLDS_CPU, HOLDS_GPU, ModelState
-from serve_app.policy import decide, estimate_need_bytes
-from serve_app.probes import SimulatedProbe
-from serve_app.snapshot import (
+from serve_app.cluster.probes import SimulatedProbe
+from serve_app.core.policy import decide, estimate_need_bytes
+from serve_app.core.snapshot import (
     Action,
     Admit,
     GpuView,
@@ -54,6 +53,7 @@ from serve_app.snapshot import (
     Snapshot,
     Wait,
 )
+from serve_app.core.states import HOLDS_CPU, HOLDS_GPU, ModelState
 
 S = ModelState
 GiB = 1024**3

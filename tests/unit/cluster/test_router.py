@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from serve_app.router import Router
+from serve_app.cluster.router import Router
 
 MiB = 1024**2
 

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serve_app.adapters import Footprint, ModelAdapter
+from serve_app.core.states import ALLOWED, IllegalTransition, ModelState
 from serve_app.errors import ModelLoadError
-from serve_app.lifecycle_states import ALLOWED, IllegalTransition, ModelState
 
-logger = logging.getLogger("serve_app.lifecycle")
+logger = logging.getLogger("serve_app.core.lifecycle")
 S = ModelState
 
 #: Admission hook: awaited before a load ("load") or restore ("restore"); raises

@@ -31,8 +31,8 @@ from deployments.whisper import (
 from serve_app.adapters import Footprint, ModelAdapter
 from serve_app.adapters.ctranslate2 import CTranslate2WhisperAdapter
 from serve_app.config import ModelConfig
+from serve_app.core.lifecycle import Lifecycle
 from serve_app.errors import InvalidRequest, QueueFull
-from serve_app.lifecycle import Lifecycle
 
 SENTENCE = "The weather today is sunny with a light breeze from the west."
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 
-logger = logging.getLogger("serve_app.gpu")
+logger = logging.getLogger("serve_app.cluster.gpu")
 
 
 def nvml_gpu_count() -> int:

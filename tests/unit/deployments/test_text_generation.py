@@ -22,9 +22,9 @@ from deployments.text_generation import (
     resolve_dtype,
 )
 from serve_app.adapters.torch_module import TorchModuleAdapter
+from serve_app.core.lifecycle import Lifecycle
+from serve_app.core.states import ModelState
 from serve_app.errors import InvalidRequest
-from serve_app.lifecycle import Lifecycle
-from serve_app.lifecycle_states import ModelState
 from tests.textmodel import build_tiny_causal_lm
 
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is the capital of France?"}]

@@ -1,7 +1,7 @@
 """Placement policy: which pending load goes on which GPU, what gets evicted, what idles out.
 
 `decide(snapshot, now)` is a pure function of plain data: no Ray, no torch, no clock. The
-router builds a :class:`~serve_app.snapshot.Snapshot`, calls it, and carries out the actions;
+router builds a :class:`~serve_app.core.snapshot.Snapshot`, calls it, and carries out the actions;
 tests call it with hand-made snapshots and a `now` of their choosing. Same input, same output:
 every iteration below runs over a stably sorted sequence, so the order of tuples in the
 snapshot does not matter.
@@ -49,8 +49,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from serve_app.lifecycle_states import HOLDS_CPU, HOLDS_GPU, ModelState
-from serve_app.snapshot import (
+from serve_app.core.snapshot import (
     Action,
     Admit,
     GpuView,
@@ -62,6 +61,7 @@ from serve_app.snapshot import (
     Snapshot,
     Wait,
 )
+from serve_app.core.states import HOLDS_CPU, HOLDS_GPU, ModelState
 
 __all__ = [
     "accounted_bytes",

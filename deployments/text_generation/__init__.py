@@ -33,7 +33,7 @@ from ray import serve
 
 from serve_app.adapters.torch_module import TorchModuleAdapter
 from serve_app.errors import InvalidRequest
-from serve_app.replica import ModelReplica
+from serve_app.cluster.replica import ModelReplica
 
 logger = logging.getLogger("serve_app.deployments.text_generation")
 

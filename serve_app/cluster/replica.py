@@ -13,12 +13,12 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from serve_app.adapters import ModelAdapter
+from serve_app.cluster.gpu import pick_device
+from serve_app.cluster.link import RouterLink
 from serve_app.config import AppConfig, ModelConfig
-from serve_app.gpu import pick_device
-from serve_app.lifecycle import Lifecycle, LifecyclePolicy
-from serve_app.router_link import RouterLink
+from serve_app.core.lifecycle import Lifecycle, LifecyclePolicy
 
-logger = logging.getLogger("serve_app.replica")
+logger = logging.getLogger("serve_app.cluster.replica")
 T = TypeVar("T")
 
 

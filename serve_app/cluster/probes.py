@@ -31,7 +31,7 @@ __all__ = [
     "simulated_gpu_ids",
 ]
 
-logger = logging.getLogger("serve_app.probes")
+logger = logging.getLogger("serve_app.cluster.probes")
 
 GiB = 1024**3
 

@@ -4,6 +4,9 @@ NVML is node-local, so it has to be read on the node itself. Where NVML finds no
 machines, CI), the node's logical Ray GPUs are simulated with `SimulatedProbe`: used memory
 is computed by the router itself (what it accounts plus any simulated external use): this
 probe only reports which logical GPUs the node has and their size.
+
+The router starts the probes; a probe finds the router by name (`names.lookup_router`), so
+neither module imports the other.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import os
 from typing import Any
 
+from serve_app.cluster.names import lookup_router, probe_name
 from serve_app.config import AppConfig
 
 logger = logging.getLogger("serve_app.probe")
@@ -20,9 +24,9 @@ logger = logging.getLogger("serve_app.probe")
 
 class NodeProbe:
     def __init__(self, node_id: str, app: dict[str, Any]) -> None:
-        from serve_app.gpu import simulated_uuid
+        from serve_app.cluster.gpu import simulated_uuid
+        from serve_app.cluster.probes import NvmlProbe, SimulatedProbe
         from serve_app.logs import configure_logging
-        from serve_app.probes import NvmlProbe, SimulatedProbe
 
         configure_logging()
         self.node_id = node_id
@@ -55,14 +59,12 @@ class NodeProbe:
             return 0
 
     async def _loop(self) -> None:
-        from serve_app.router import get_or_create_router
-
         router = None
         interval = self.config.router.probe_interval_s
         while True:
             try:
                 if router is None:
-                    router = await asyncio.to_thread(get_or_create_router, self.config)
+                    router = await asyncio.to_thread(lookup_router, self.config.namespace)
                 readings = [_reading_dict(r) for r in await asyncio.to_thread(self.probe.read)]
                 await router.report_gpus.remote(self.node_id, readings, self.host_budget_bytes())
             except asyncio.CancelledError:
@@ -91,7 +93,7 @@ def start_probe(node_id: str, app: AppConfig) -> Any:
     return (
         ray.remote(NodeProbe)
         .options(
-            name=f"gpu-serve-probe-{node_id}",
+            name=probe_name(node_id),
             namespace=app.namespace,
             lifetime="detached",
             get_if_exists=True,

@@ -25,9 +25,9 @@ from serve_app.errors import CapacityError
 
 if TYPE_CHECKING:
     from serve_app.adapters import ModelAdapter
-    from serve_app.lifecycle import Lifecycle, TransitionEvent
+    from serve_app.core.lifecycle import Lifecycle, TransitionEvent
 
-logger = logging.getLogger("serve_app.router_link")
+logger = logging.getLogger("serve_app.cluster.link")
 
 
 class RouterLink:
@@ -61,8 +61,8 @@ class RouterLink:
         import ray
         from ray import serve
 
-        from serve_app.gpu import replica_gpu_uuids
-        from serve_app.router import get_or_create_router
+        from serve_app.cluster.gpu import replica_gpu_uuids
+        from serve_app.cluster.router import get_or_create_router
 
         ctx = serve.get_replica_context()
         replica_id = ctx.replica_id.to_full_id_str()
@@ -231,7 +231,7 @@ class RouterLink:
         )
 
     def _local_admission(self, kind: str) -> None:
-        from serve_app.gpu import nvml_free_bytes
+        from serve_app.cluster.gpu import nvml_free_bytes
 
         assert self._lifecycle is not None
         if not self.gpus or not self._lifecycle.device.startswith("cuda"):

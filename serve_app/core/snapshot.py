@@ -1,7 +1,7 @@
 """The placement policy's inputs and outputs: plain frozen data, no Ray, no torch, no clock.
 
 The router builds a :class:`Snapshot` from what replicas and probes report, hands it to
-:func:`serve_app.policy.decide`, and carries out the returned actions. Keeping the data
+:func:`serve_app.core.policy.decide`, and carries out the returned actions. Keeping the data
 plain is what lets the policy be tested with a fake clock and replayed deterministically.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from serve_app.lifecycle_states import ModelState
+from serve_app.core.states import ModelState
 
 
 @dataclass(frozen=True, slots=True)

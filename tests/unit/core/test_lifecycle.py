@@ -1,4 +1,4 @@
-"""One test (or a few) per concurrency rule of `serve_app.lifecycle.Lifecycle`.
+"""One test (or a few) per concurrency rule of `serve_app.core.lifecycle.Lifecycle`.
 
 The clock is a `FakeClock` the tests advance; the adapter is a `FakeAdapter` that records its
 calls, can be told to fail a method, and can block inside a method on a `threading.Event` to
@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from serve_app.adapters import Footprint, ModelAdapter
+from serve_app.core.lifecycle import Lifecycle, LifecyclePolicy, TransitionEvent
+from serve_app.core.states import ModelState
 from serve_app.errors import CapacityError, ModelLoadError
-from serve_app.lifecycle import Lifecycle, LifecyclePolicy, TransitionEvent
-from serve_app.lifecycle_states import ModelState
 
 S = ModelState
 MiB = 1024**2

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from serve_app.probes import GpuReading, MemoryProbe, NvmlProbe, SimulatedProbe, pick_probe, simulated_gpu_ids
+from serve_app.cluster.probes import GpuReading, MemoryProbe, NvmlProbe, SimulatedProbe, pick_probe, simulated_gpu_ids
 
 GiB = 1024**3
 
@@ -79,7 +79,7 @@ def test_pick_probe_falls_back_to_simulation_and_says_so(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(init_error="NVMLError_LibraryNotFound"))
-    with caplog.at_level(logging.INFO, logger="serve_app.probes"):
+    with caplog.at_level(logging.INFO, logger="serve_app.cluster.probes"):
         probe = pick_probe("n0", simulated_count=2, simulated_total_bytes=4 * GiB, external={"sim-n0-1": GiB})
     assert isinstance(probe, SimulatedProbe)
     assert [(r.uuid, r.total_bytes, r.used_bytes) for r in probe.read()] == [
@@ -96,7 +96,7 @@ def test_the_real_pynvml_here_reports_unavailable() -> None:
     # In a subprocess, so no other test's fake module or init state leaks in, and to check
     # that probing never imports torch (which would create a CUDA context on a GPU machine).
     code = (
-        "import sys; from serve_app.probes import NvmlProbe, pick_probe; "
+        "import sys; from serve_app.cluster.probes import NvmlProbe, pick_probe; "
         "import pynvml; has_gpu = NvmlProbe.available(); p = pick_probe('n0'); "
         "print(has_gpu, type(p).__name__, 'torch' in sys.modules)"
     )
@@ -220,7 +220,7 @@ def test_nvml_is_initialised_once(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_pick_probe_uses_nvml_when_it_works(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(two_gpus()))
-    with caplog.at_level(logging.INFO, logger="serve_app.probes"):
+    with caplog.at_level(logging.INFO, logger="serve_app.cluster.probes"):
         probe = pick_probe("n0", visible_indices=[0])
     assert isinstance(probe, NvmlProbe)
     assert [r.getMessage() for r in caplog.records] == ["Memory probe on n0: NVML, 1 GPU(s) (0: NVIDIA A10G 24.0 GiB)."]

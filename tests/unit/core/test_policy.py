@@ -1,4 +1,4 @@
-"""One test per placement rule of `serve_app.policy.decide`.
+"""One test per placement rule of `serve_app.core.policy.decide`.
 
 No clock and no sleeps: every test passes `now` itself. Snapshots are built by `world()`, which
 makes the probe see what our instances hold plus what "other processes" use, like a real GPU.
@@ -11,8 +11,7 @@ from dataclasses import replace
 
 import pytest
 
-from serve_app.lifecycle_states import HOLDS_GPU, ModelState
-from serve_app.policy import (
+from serve_app.core.policy import (
     accounted_bytes,
     decide,
     effective_priority,
@@ -21,7 +20,7 @@ from serve_app.policy import (
     margin_bytes,
     queue_order,
 )
-from serve_app.snapshot import (
+from serve_app.core.snapshot import (
     Action,
     Admit,
     GpuView,
@@ -33,6 +32,7 @@ from serve_app.snapshot import (
     Snapshot,
     Wait,
 )
+from serve_app.core.states import HOLDS_GPU, ModelState
 
 S = ModelState
 GiB = 1024**3

@@ -1,0 +1,22 @@
+"""Names of the cluster's named actors, and lookups that need no actor class.
+
+Kept apart from the actor modules so that an actor can find another by name without
+importing it: the router starts the probes, and a probe finds the router here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ROUTER_NAME = "gpu-serve-router"
+
+
+def probe_name(node_id: str) -> str:
+    return f"gpu-serve-probe-{node_id}"
+
+
+def lookup_router(namespace: str) -> Any:
+    """The running router actor's handle; raises ValueError while it does not exist yet."""
+    import ray
+
+    return ray.get_actor(ROUTER_NAME, namespace=namespace)

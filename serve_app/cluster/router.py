@@ -1,0 +1,359 @@
+"""The cluster VRAM router: one named Ray actor that sees every GPU and every replica.
+
+It is a shell around the pure policy (`serve_app.core.policy.decide`), in three parts:
+
+* `registry.py` keeps what replicas report and queues their commands (registration, commands);
+* `readings.py` keeps what node probes read, corrected by what the router saw since (GPU readings);
+* this module builds a `Snapshot`, runs the decision and carries out its actions (the decision
+  loop): `Admit` answers a waiting load, `Offload`/`Release` become commands that the target
+  replica picks up through its long-poll (see `link.py` for why long-polling), `Wait` records
+  the reason shown in `/gpu/status` and in the 503 a request gets when it times out.
+
+Its state is soft: everything is rebuilt from replicas re-registering after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from serve_app.cluster import status as status_doc
+from serve_app.cluster.names import ROUTER_NAME
+from serve_app.cluster.readings import GpuReadings
+from serve_app.cluster.registry import ReplicaRecord, ReplicaRegistry
+from serve_app.config import AppConfig
+from serve_app.core.policy import decide, estimate_need_bytes
+from serve_app.core.snapshot import (
+    Admit,
+    GpuView,
+    InstanceView,
+    Offload,
+    PendingLoad,
+    PolicyLimits,
+    Release,
+    Snapshot,
+    Wait,
+)
+from serve_app.core.states import ModelState
+
+logger = logging.getLogger("serve_app.cluster.router")
+
+__all__ = ["ROUTER_NAME", "Router", "get_or_create_router"]
+
+S = ModelState
+
+
+@dataclass
+class _Pending:
+    load: PendingLoad
+    future: asyncio.Future[dict[str, Any]]
+    reason: str = "queued"
+
+
+class Router:
+    """The router's logic over asyncio; `get_or_create_router` runs this class as a Ray actor."""
+
+    def __init__(self, app: dict[str, Any], *, clock: Any = time.monotonic, start_loops: bool = True) -> None:
+        from serve_app.logs import configure_logging
+
+        configure_logging()
+        self.config = AppConfig.model_validate(app)
+        self.clock = clock
+        rc = self.config.router
+        self.limits = PolicyLimits(
+            margin_fraction=rc.margin_fraction,
+            margin_bytes=rc.margin_bytes,
+            max_loads_per_gpu=rc.max_loads_per_gpu,
+            max_models_per_gpu=rc.max_models_per_gpu,
+            aging_s=rc.aging_s,
+        )
+        self.policies: dict[str, dict[str, Any]] = {
+            m.id: {
+                "idle_timeout_s": m.idle_timeout_s,
+                "release_timeout_s": m.release_timeout_s,
+                "offload_after_use": m.offload_after_use,
+                "priority": m.priority,
+                "pinned": m.pinned,
+            }
+            for m in self.config.models
+        }
+        self.readings = GpuReadings(rc.simulated_external_bytes)
+        self.registry = ReplicaRegistry(clock, self.readings.freed)
+        self.pending: dict[str, _Pending] = {}
+        self._wake = asyncio.Event()
+        self.started_at = clock()
+        self.ticks = 0
+        self._probes: dict[str, Any] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self.metrics: Any = None
+        if start_loops:
+            from serve_app.cluster.metrics import RouterMetrics
+
+            self.metrics = RouterMetrics()
+            self._tasks.append(asyncio.get_running_loop().create_task(self._tick_loop()))
+            self._tasks.append(asyncio.get_running_loop().create_task(self._probe_loop()))
+        logger.info("router started with %d configured models", len(self.config.models))
+
+    @property
+    def replicas(self) -> dict[str, ReplicaRecord]:
+        return self.registry.replicas
+
+    # --- registration and commands (called by replicas) -------------------------------------
+
+    async def register(self, info: dict[str, Any]) -> dict[str, Any]:
+        self.registry.register(info)
+        self._wake.set()
+        return self.policies.get(info["model"], {})
+
+    async def deregister(self, replica_id: str) -> None:
+        if self.registry.remove(replica_id, "left") is not None:
+            self._wake.set()
+
+    async def heartbeat(self, info: dict[str, Any]) -> bool:
+        rec = self.replicas.get(info["replica"])
+        if rec is None:
+            return False
+        old_state = rec.status.get("state")
+        self.registry.update(rec, info)
+        if info["status"].get("state") != old_state:
+            self._wake.set()
+        return True
+
+    async def next_commands(self, replica_id: str, timeout_s: float) -> list[dict[str, Any]]:
+        """Long-poll: return this replica's queued commands, or [] after `timeout_s`."""
+        return await self.registry.next_commands(replica_id, timeout_s)
+
+    async def command_done(self, replica_id: str, command_id: str, outcome: str, status: dict[str, Any]) -> None:
+        self.registry.command_done(replica_id, command_id, outcome, status)
+        self._wake.set()
+
+    # --- admission ---------------------------------------------------------------------------
+
+    async def admit(self, info: dict[str, Any], request_id: str, kind: str, timeout_s: float) -> dict[str, Any]:
+        """Wait until the policy admits this load or restore, at most `timeout_s`."""
+        rid = info["replica"]
+        if rid not in self.replicas:
+            await self.register(info)
+        else:
+            self.registry.update(self.replicas[rid], info)
+        status = info["status"]
+        policy = self.policies.get(info["model"], {})
+        rc = self.config.router
+        if kind == "restore" and status.get("bytes_cpu"):
+            need = int(status["bytes_cpu"])
+        else:
+            measured = self.registry.measured_bytes(info["model"])
+            need = estimate_need_bytes(
+                measured, info.get("declared_bytes"), info.get("weights_bytes"), rc.headroom_factor, rc.weights_factor
+            ) or 0
+        if not info.get("gpus"):
+            return {"admitted": True, "gpu": None, "reason": "replica has no GPU"}
+        load = PendingLoad(
+            request_id=request_id,
+            model=info["model"],
+            replica=rid,
+            node=info["node"],
+            gpus=tuple(info["gpus"]),
+            bytes_needed=need,
+            priority=int(policy.get("priority", 0)),
+            enqueued_at=self.clock(),
+            kind=kind,
+        )
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.pending[request_id] = _Pending(load, fut)
+        self._decide_and_act()
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout=timeout_s)
+        except TimeoutError:
+            pending = self.pending.pop(request_id, None)
+            reason = pending.reason if pending else "timed out"
+            return {"admitted": False, "reason": reason, "retry_after_s": max(1.0, rc.tick_s * 5)}
+        finally:
+            self.pending.pop(request_id, None)
+
+    # --- GPU readings (called by probes) -----------------------------------------------------
+
+    async def report_gpus(self, node_id: str, readings: list[dict[str, Any]], host_budget: int) -> None:
+        self.readings.report(node_id, readings, host_budget, self.clock())
+
+    async def simulate_external(self, gpu: str, used_bytes: int) -> None:
+        """Pretend another process uses `used_bytes` on simulated GPU `gpu` (tests, demos)."""
+        self.readings.external[gpu] = used_bytes
+        self._wake.set()
+
+    async def _probe_loop(self) -> None:
+        """Keep one probe actor on each node that has GPUs (nodes may join later)."""
+        while True:
+            try:
+                await asyncio.to_thread(self._ensure_probes)
+            except Exception:
+                logger.warning("could not start node probes", exc_info=True)
+            await asyncio.sleep(5.0)
+
+    def _ensure_probes(self) -> None:
+        import ray
+
+        from serve_app.cluster.probe_actor import start_probe
+
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("GPU", 0) > 0}
+        for node_id in alive - set(self._probes):
+            self._probes[node_id] = start_probe(node_id, self.config)
+        for node_id in set(self._probes) - alive:
+            self._probes.pop(node_id, None)
+            self.readings.drop_node(node_id)
+
+    # --- the decision loop -------------------------------------------------------------------
+
+    async def _tick_loop(self) -> None:
+        while True:
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.config.router.tick_s)
+            try:
+                self.registry.drop_stale(self.config.router.replica_timeout_s)
+                self._decide_and_act()
+                if self.metrics is not None:
+                    self.metrics.observe(await self.status())
+            except Exception:
+                logger.exception("router tick failed")
+
+    def _instances(self) -> list[InstanceView]:
+        out = []
+        for rid, rec in self.replicas.items():
+            st = rec.status
+            state = ModelState(st["state"])
+            bytes_gpu = int(st.get("bytes_gpu") or 0)
+            if rec.reservation:
+                if state in (S.UNLOADED, S.CPU):
+                    state = S.LOADING if state is S.UNLOADED else S.RESTORING
+                bytes_gpu = max(bytes_gpu, rec.reservation)
+            policy = self.policies.get(rec.model, {})
+            out.append(
+                InstanceView(
+                    model=rec.model,
+                    replica=rid,
+                    node=rec.info["node"],
+                    gpu=rec.gpu,
+                    state=state,
+                    bytes_gpu=bytes_gpu,
+                    bytes_cpu=int(st.get("bytes_cpu") or 0),
+                    last_used_at=self.clock() - float(st.get("idle_in_state_s") or 0.0),
+                    in_flight=int(st.get("in_flight") or 0) + int(st.get("waiting") or 0),
+                    priority=int(policy.get("priority", 0)),
+                    idle_timeout_s=policy.get("idle_timeout_s"),
+                    release_timeout_s=policy.get("release_timeout_s"),
+                    offload_after_use=bool(policy.get("offload_after_use")),
+                    pinned=bool(policy.get("pinned")),
+                )
+            )
+        return out
+
+    def _gpu_views(self) -> list[GpuView]:
+        return self.readings.views(self.registry.resident_bytes())
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(
+            gpus=tuple(self._gpu_views()),
+            instances=tuple(self._instances()),
+            pending=tuple(p.load for p in self.pending.values() if not p.future.done()),
+            host_budget_bytes=dict(self.readings.host_budget),
+            limits=self.limits,
+        )
+
+    def _decide_and_act(self) -> None:
+        self.ticks += 1
+        snap = self.snapshot()
+        for action in decide(snap, self.clock()):
+            if isinstance(action, Admit):
+                self._admit(action)
+            elif isinstance(action, Offload | Release):
+                kind = "offload" if isinstance(action, Offload) else "release"
+                rec = self.replicas.get(action.replica)
+                if rec is not None and rec.command_outstanding is None:
+                    self.registry.send(action.replica, kind, action.reason)
+                    if self.metrics is not None:
+                        self.metrics.evictions.inc(1, {"model": action.model, "kind": kind})
+            elif isinstance(action, Wait):
+                pending = self.pending.get(action.request_id)
+                if pending is not None:
+                    pending.reason = action.reason
+
+    def _admit(self, action: Admit) -> None:
+        pending = self.pending.pop(action.request_id, None)
+        if pending is None or pending.future.done():
+            return
+        rec = self.replicas.get(action.replica)
+        if rec is not None:
+            rec.reservation = pending.load.bytes_needed
+            rec.reserved_seq = int(rec.status.get("seq", 0))
+        pending.future.set_result({"admitted": True, "gpu": action.gpu, "reason": action.reason})
+        if self.metrics is not None:
+            tags = {"model": pending.load.model}
+            self.metrics.admissions.inc(1, tags)
+            self.metrics.admission_wait.observe(max(0.0, self.clock() - pending.load.enqueued_at), tags)
+
+    # --- admin -------------------------------------------------------------------------------
+
+    async def command(self, kind: str, model: str | None, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Send offload/release/policy to the replicas of `model` (all models when None)."""
+        params = params or {}
+        if kind == "policy":
+            for model_id in [model] if model else list(self.policies):
+                self.policies[model_id].update(params)
+        targets = []
+        for rid, rec in sorted(self.replicas.items()):
+            if model is not None and rec.model != model:
+                continue
+            if kind == "offload" and model is None and (rec.status.get("state") != S.GPU.value):
+                continue
+            if kind == "policy":
+                targets.append((rid, self.registry.send(rid, "policy", "admin", policy=self.policies[rec.model])))
+            else:
+                targets.append((rid, self.registry.send(rid, kind, "admin request")))
+        results = []
+        timeout = self.config.router.request_timeout_s
+        for rid, fut in targets:
+            try:
+                results.append(await asyncio.wait_for(fut, timeout=timeout))
+            except TimeoutError:
+                results.append({"replica": rid, "outcome": f"no answer within {timeout:.0f}s", "state": None})
+        self._wake.set()
+        return [
+            {"model": self.replicas[r["replica"]].model if r["replica"] in self.replicas else model, **r}
+            for r in results
+        ]
+
+    async def status(self) -> dict[str, Any]:
+        now = self.clock()
+        instances = self._instances()
+        resident = self.registry.resident_bytes()
+        return {
+            "gpus": status_doc.gpu_rows(self.readings, resident, instances, self.limits, now),
+            "models": status_doc.model_rows(self.replicas, self.policies, self.config),
+            "queue": status_doc.queue_rows(((p.load, p.reason) for p in self.pending.values()), now),
+            "router": {"ticks": self.ticks, "uptime_s": round(now - self.started_at, 1)},
+        }
+
+    async def ping(self) -> bool:
+        return True
+
+
+def get_or_create_router(app: AppConfig) -> Any:
+    """The cluster's router actor, created on first use; restarted by Ray if it dies."""
+    import ray
+
+    actor_cls = ray.remote(Router)
+    return actor_cls.options(
+        name=ROUTER_NAME,
+        namespace=app.namespace,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,
+        max_task_retries=0,
+        max_concurrency=1000,
+        num_cpus=0,
+    ).remote(app.model_dump(mode="json"))
