@@ -191,7 +191,12 @@ class RouterConfig(_Frozen):
     max_models_per_gpu: int | None = Field(None, ge=1, description="Cap on resident models per GPU.")
     aging_s: float = Field(30.0, gt=0, description="Waiting this long raises a load's priority by one.")
     host_ram_budget_bytes: int | None = Field(
-        None, ge=0, description="Host RAM for the CPU tier per node; null: half of the node's RAM."
+        None,
+        ge=0,
+        description=(
+            "Host RAM for the CPU tier per node; null: half of what the node may use (its RAM, capped by "
+            "its container's memory limit). On KubeRay the GPU worker's memory limit is sized for this."
+        ),
     )
     request_timeout_s: float = Field(60.0, gt=0, description="A load waiting longer than this answers 503.")
     simulated_gpu_bytes: int = Field(16 * GiB, gt=0, description="Total of each simulated GPU (no NVML).")

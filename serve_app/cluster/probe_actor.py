@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from typing import Any
 
 from serve_app.cluster.names import lookup_router, probe_name
@@ -50,13 +49,9 @@ class NodeProbe:
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     def host_budget_bytes(self) -> int:
-        configured = self.config.router.host_ram_budget_bytes
-        if configured is not None:
-            return configured
-        try:
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-        except (ValueError, OSError):
-            return 0
+        from serve_app.cluster.hostmem import host_budget_bytes, usable_bytes
+
+        return host_budget_bytes(self.config.router.host_ram_budget_bytes, usable_bytes())
 
     async def _loop(self) -> None:
         router = None
