@@ -9,7 +9,7 @@ TEST_STAMP := $(VENV)/.installed-test
 SYSTEM_PACKAGES := espeak-ng sox
 PYTEST_ARGS ?=
 
-.PHONY: run test install install-test system-deps lint unit integration bench clean
+.PHONY: run test install install-test system-deps lint unit integration bench k8s clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,10 @@ integration: install-test
 
 bench: $(TEST_STAMP)
 	$(PY) bench/policy_decide.py
+
+# Regenerates the RayService's serveConfigV2 (k8s/base/rayservice.yaml) from serve_config.yaml.
+k8s: $(STAMP)
+	$(PY) -m serve_app.k8s
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
