@@ -2,9 +2,9 @@
 
 `make k8s` (`python -m serve_app.k8s`) writes the RayService's `serveConfigV2` block in
 `k8s/base/rayservice.yaml` from `serve_config.yaml`, so the models are listed once. Only what a
-cluster needs changes: the proxy listens on every node on 0.0.0.0 (pods are reached by their
-IP, and a proxy per node keeps serving when GPU nodes come and go), and the models' cache
-(`HF_HOME`) moves onto the models volume. The rest of the manifest is written by hand;
+cluster needs changes: proxies listen on 0.0.0.0 (pods are reached by their IP) on every node
+that runs a replica, not only on the head (each GPU worker serves its own traffic), and the
+models' cache (`HF_HOME`) moves onto the models volume. The rest of the manifest is written by hand;
 `--check` fails when the committed block and a fresh one differ.
 
 The worker's memory limit and the CPU tier's budget are tied by `hostmem.host_budget_bytes`:
