@@ -191,13 +191,14 @@ def test_serve_config_v2_is_a_valid_serve_deploy_config_and_app(rendered: list) 
     assert {m.id for m in parse_app_config(app["args"]).models} == {"all-MiniLM-L6-v2", "whisper-tiny.en"}
 
 
-def test_rendering_matches_kubectl_kustomize(rendered: list) -> None:
+@pytest.mark.parametrize("directory", [K8S / "base", OVERLAY], ids=["base", "production"])
+def test_rendering_matches_kubectl_kustomize(directory: Path) -> None:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl not installed: the Python rendering is validated above, unchecked against kustomize")
-    out = subprocess.run([kubectl, "kustomize", str(OVERLAY)], capture_output=True, text=True, check=True, timeout=60)
+    out = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, check=True, timeout=60)
     theirs = sorted((d for d in yaml.safe_load_all(out.stdout) if d), key=lambda d: (d["kind"], d["metadata"]["name"]))
-    ours = sorted(rendered, key=lambda d: (d["kind"], d["metadata"]["name"]))
+    ours = sorted(kustomize.render(directory), key=lambda d: (d["kind"], d["metadata"]["name"]))
     assert ours == theirs
 
 
