@@ -9,7 +9,7 @@ TEST_STAMP := $(VENV)/.installed-test
 SYSTEM_PACKAGES := espeak-ng sox
 PYTEST_ARGS ?=
 
-.PHONY: run test install install-test system-deps lint unit integration bench clean
+.PHONY: run test install install-test system-deps lint unit integration bench bench-gpu clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,10 @@ integration: install-test
 
 bench: $(TEST_STAMP)
 	$(PY) bench/policy_decide.py
+
+# Needs a CUDA build of torch and an NVIDIA GPU; exits 2 without one, 1 when a target is missed.
+bench-gpu: $(TEST_STAMP)
+	$(PY) bench/gpu_tier.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
