@@ -102,9 +102,11 @@ class CTranslate2WhisperAdapter:
     def _stop_thread(self) -> None:
         """End the thread: its thread-local CTranslate2 allocator frees what it cached."""
         with self._lock:
-            executor, self._executor, self._thread = self._executor, None, None
+            executor, thread = self._executor, self._thread
+            self._executor, self._thread = None, None
         if executor is not None:
-            executor.shutdown(wait=True)
+            # From the thread itself (a release inside submitted work), waiting would deadlock.
+            executor.shutdown(wait=threading.current_thread() is not thread)
 
     # --- the ModelAdapter interface --------------------------------------------------------
 
