@@ -272,6 +272,13 @@ def _page_size() -> int:
         return 4096
 
 
+def locked_bytes(ptr: int, nbytes: int, page: int) -> int:
+    """Bytes the OS locks to pin [ptr, ptr + nbytes): every page the range touches."""
+    if nbytes <= 0:
+        return 0
+    return (-(-(ptr + nbytes) // page) - ptr // page) * page
+
+
 class HostBuffer:
     """One flat host allocation holding a model's weights; page-locked once when `pin`.
 
@@ -293,9 +300,7 @@ class HostBuffer:
                     f"cudaHostRegister of {layout.nbytes / MiB:.0f} MiB failed with CUDA error {int(err)}; "
                     "the host may be short of lockable memory (ulimit -l) or RAM"
                 )
-            page = _page_size()
-            ptr = self.flat.data_ptr()
-            self.pinned_bytes = (-(-(ptr + layout.nbytes) // page) - ptr // page) * page
+            self.pinned_bytes = locked_bytes(self.flat.data_ptr(), layout.nbytes, _page_size())
 
     @property
     def nbytes(self) -> int:

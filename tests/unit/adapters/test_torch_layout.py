@@ -28,6 +28,7 @@ from serve_app.adapters.torch_module import (
     UnsupportedLayout,
     check_movable,
     iter_tensors,
+    locked_bytes,
     module_entries,
     plan_layout,
 )
@@ -255,6 +256,40 @@ def test_a_failure_partway_through_restore_rolls_back(monkeypatch: pytest.Monkey
     monkeypatch.setattr(tm, "bind_views", real_bind)
     adapter.to_gpu()
     assert torch.equal(output(adapter), expected)
+
+
+def test_pinned_bytes_count_every_page_touched() -> None:
+    assert locked_bytes(4096, 4096, 4096) == 4096
+    assert locked_bytes(4096 + 64, 4096, 4096) == 2 * 4096  # an unaligned start spans two pages
+    assert locked_bytes(65536 * 3 + 1, 10, 65536) == 65536  # 64 KiB pages (aarch64 kernels)
+    assert locked_bytes(123, 0, 4096) == 0
+
+
+async def test_lifecycle_keeps_the_host_copy_when_a_restore_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    from serve_app.core.lifecycle import Lifecycle
+    from serve_app.errors import ModelLoadError
+
+    adapter = TorchModuleAdapter(lambda device: Mixed().to(device), flat_moves_on_cpu=True)
+    lifecycle = Lifecycle(model="mixed", adapter=adapter, device="cpu")
+    async with lifecycle.use():
+        expected = output(adapter)
+    assert await lifecycle.offload() == "offloaded: cpu"
+    assert lifecycle.footprint == Footprint(bytes_gpu=0, bytes_cpu=adapter._host.layout.nbytes)
+
+    def fail(layout: Any, flat: Any) -> Any:
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    real_views = tm.build_views
+    monkeypatch.setattr(tm, "build_views", lambda layout, flat: (
+        real_views(layout, flat) if flat is adapter._host.flat else fail(layout, flat)))
+    with pytest.raises(ModelLoadError, match="restore"):
+        async with lifecycle.use():
+            pass
+    assert lifecycle.state.value == "cpu" and "restore failed" in (lifecycle.last_error or "")
+    monkeypatch.setattr(tm, "build_views", real_views)
+    async with lifecycle.use():  # the next request restores from the kept host copy
+        assert torch.equal(output(adapter), expected)
+    assert lifecycle.footprint.bytes_gpu == adapter._host.layout.nbytes
 
 
 def test_release_drops_both_buffers() -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from serve_app.cluster import gpu
-from serve_app.cluster.gpu import parse_visible_devices, replica_gpu_uuids, visible_gpu_uuids
+from serve_app.cluster.gpu import cuda_driver_uuids, parse_visible_devices, replica_gpu_uuids, visible_gpu_uuids
 from serve_app.cluster.probes import NvmlProbe
 
 GiB = 1024**3
@@ -198,3 +198,14 @@ def test_probe_reports_mig_instances_by_their_own_uuid(monkeypatch: pytest.Monke
         (A10G, 1, 24 * GiB, 0),
     ]
     assert readings[0].name.endswith("MIG 3g.20gb")
+
+
+def test_the_driver_is_not_asked_where_there_is_none() -> None:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        assert cuda_driver_uuids() is None
+    else:
+        pytest.skip("this machine has a CUDA driver")
