@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -519,10 +520,14 @@ class TorchModuleAdapter:
             self._copy(device_flat, host.flat)
             self._wait_copies()
             bind_views(entries, build_views(host.layout, device_flat))
-        except BaseException:
-            # Roll back: every tensor views the host buffer again, the device block goes.
+        except BaseException as exc:
+            # Roll back: every tensor views the host buffer again, and the device block goes.
+            # The traceback's frames (build_views, bind_views) still name the block and its
+            # views, and the lifecycle keeps the error as last_error: clear them, or the block
+            # stays allocated for as long as the error is kept.
             bind_views(entries, build_views(host.layout, host.flat))
             device_flat = None
+            traceback.clear_frames(exc.__traceback__)
             if self._is_cuda:
                 _clear_cuda_caches(self.device, host=False)
             raise

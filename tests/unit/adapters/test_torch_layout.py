@@ -239,17 +239,25 @@ def test_a_failure_partway_through_restore_rolls_back(monkeypatch: pytest.Monkey
     adapter.to_cpu()
     host = adapter._host
     real_bind = tm.bind_views
+    device_views: list[weakref.ref[torch.Tensor]] = []
 
     def bind_half_then_fail(entries: list[Any], views: list[Any]) -> None:
         if views and storage_ptr(views[0]) != storage_ptr(host.flat):  # binding the device block
             half = len(entries) // 2
+            device_views.extend(weakref.ref(v) for v in views)
             real_bind(entries[:half], views[:half])
             raise torch.OutOfMemoryError("CUDA out of memory (injected after half the tensors)")
         real_bind(entries, views)
 
     monkeypatch.setattr(tm, "bind_views", bind_half_then_fail)
-    with pytest.raises(torch.OutOfMemoryError):
-        adapter.to_gpu()
+    gc.disable()
+    try:
+        with pytest.raises(torch.OutOfMemoryError) as failure:
+            adapter.to_gpu()
+        # The error is still held (the lifecycle keeps it as last_error), yet no device view is alive.
+        assert failure.value is not None and device_views and all(r() is None for r in device_views)
+    finally:
+        gc.enable()
     assert adapter._device_flat is None and not adapter._on_device
     assert all(storage_ptr(t) == storage_ptr(host.flat) for _, t in iter_tensors(adapter.model) if t.numel())
     assert torch.equal(output(adapter), expected)  # the host copy still serves
