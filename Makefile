@@ -9,7 +9,7 @@ TEST_STAMP := $(VENV)/.installed-test
 SYSTEM_PACKAGES := espeak-ng sox
 PYTEST_ARGS ?=
 
-.PHONY: run test install install-test system-deps lint unit integration bench k8s clean
+.PHONY: run test install install-test system-deps lint unit integration bench k8s clean bench-gpu
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,10 @@ bench: $(TEST_STAMP)
 # Regenerates the RayService's serveConfigV2 (k8s/base/rayservice.yaml) from serve_config.yaml.
 k8s: $(STAMP)
 	$(PY) -m serve_app.k8s
+
+# Needs a CUDA build of torch and an NVIDIA GPU; exits 2 without one, 1 when a target is missed.
+bench-gpu: $(TEST_STAMP)
+	$(PY) bench/gpu_tier.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

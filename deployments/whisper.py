@@ -11,7 +11,8 @@ Order of work for one request, and why:
 2. decoding (PyAV, in a thread) outside the lease: broken audio is refused without loading
    the model, and decoding never holds the model on the GPU;
 3. the lease (`lifecycle.use()`): loads or restores the model, keeps offloads away;
-4. the one-at-a-time slot, then the model work in a thread. faster-whisper's `transcribe`
+4. the one-at-a-time slot, then the model work on the adapter's CTranslate2 thread, the one
+   thread that makes every CTranslate2 call for this instance. faster-whisper's `transcribe`
    returns a lazy generator that runs the model as it is consumed: it is consumed to the
    end inside the thread, inside the lease, so an offload can never land mid-generator.
 
@@ -342,8 +343,9 @@ class WhisperDeployment(ModelReplica):
             self._admitted -= 1
 
     async def _timed(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Model work on the adapter's CTranslate2 thread (see `serve_app.adapters.ctranslate2`)."""
         start = time.perf_counter()
         try:
-            return await asyncio.to_thread(fn, *args, **kwargs)
+            return await asyncio.wrap_future(self.adapter.submit(fn, *args, **kwargs))
         finally:
             self._job_s = 0.7 * self._job_s + 0.3 * (time.perf_counter() - start)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Protocol, runtime_checkable
 
+from serve_app.cluster.gpu import mig_handles
+
 __all__ = [
     "GpuReading",
     "MemoryProbe",
@@ -54,7 +56,7 @@ class GpuReading:
 @runtime_checkable
 class MemoryProbe(Protocol):
     def read(self) -> list[GpuReading]:
-        """Read every GPU this probe covers, in index order."""
+        """Read every GPU this probe covers, in index order (MIG instances one by one)."""
         ...
 
 
@@ -129,18 +131,21 @@ class NvmlProbe:
         readings = []
         for index in indices:
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            mem = nvml.nvmlDeviceGetMemoryInfo(handle)
-            readings.append(
-                GpuReading(
-                    uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
-                    index=index,
-                    name=_text(nvml.nvmlDeviceGetName(handle)),
-                    total_bytes=int(mem.total),
-                    used_bytes=int(mem.used),
-                    free_bytes=int(mem.free),
-                    processes=self._processes(nvml, handle),
+            # Under MIG a replica is given one instance: report each instance by its own UUID
+            # and memory, not the whole GPU, so the router matches what replicas report.
+            for h in mig_handles(nvml, handle) or [handle]:
+                mem = nvml.nvmlDeviceGetMemoryInfo(h)
+                readings.append(
+                    GpuReading(
+                        uuid=_text(nvml.nvmlDeviceGetUUID(h)),
+                        index=index,
+                        name=_text(nvml.nvmlDeviceGetName(h)),
+                        total_bytes=int(mem.total),
+                        used_bytes=int(mem.used),
+                        free_bytes=int(mem.free),
+                        processes=self._processes(nvml, h),
+                    )
                 )
-            )
         return readings
 
     @staticmethod

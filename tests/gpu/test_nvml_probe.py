@@ -23,7 +23,8 @@ pytestmark = [
 def test_readings_are_consistent() -> None:
     readings = NvmlProbe().read()
     assert readings, "NVML is available but reported no GPU"
-    assert [r.index for r in readings] == list(range(len(readings)))
+    indices = [r.index for r in readings]  # MIG instances share their GPU's index
+    assert indices == sorted(indices) and set(indices) == set(range(max(indices) + 1))
     for r in readings:
         assert r.uuid.startswith(("GPU-", "MIG-")), r.uuid
         assert isinstance(r.name, str) and r.name
@@ -38,7 +39,36 @@ def test_readings_are_consistent() -> None:
 
 def test_visible_indices_filter() -> None:
     everything = NvmlProbe().read()
-    assert [r.uuid for r in NvmlProbe(visible_indices=[0]).read()] == [everything[0].uuid]
+    assert [r.uuid for r in NvmlProbe(visible_indices=[0]).read()] == [r.uuid for r in everything if r.index == 0]
+
+
+def test_cuda0_maps_to_the_uuid_torch_sees() -> None:
+    """The CUDA driver's cuda:0, matched in NVML by UUID, is the GPU torch calls cuda:0."""
+    from serve_app.cluster.gpu import cuda_driver_uuids, visible_gpu_uuids
+
+    uuids = visible_gpu_uuids()
+    assert uuids and uuids[0] in {r.uuid for r in NvmlProbe().read()}
+    driver = cuda_driver_uuids()
+    assert driver is not None and uuids[0].endswith(driver[0])
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA (the CPU build is installed)")
+    if uuids[0].startswith("MIG-"):
+        pytest.skip("torch's device uuid may name the MIG instance's GPU, not the instance")
+    code = "import torch; print(torch.cuda.get_device_properties(0).uuid)"
+    seen = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert uuids[0].split("-", 1)[1] == seen.removeprefix("GPU-").removeprefix("MIG-")
+
+
+def test_mapping_creates_no_cuda_context() -> None:
+    code = (
+        "import os, sys; from serve_app.cluster.gpu import visible_gpu_uuids; "
+        "from serve_app.cluster.probes import NvmlProbe; u = visible_gpu_uuids(); "
+        "pids = {pid for r in NvmlProbe().read() for pid, _ in r.processes}; "
+        "print(bool(u), os.getpid() in pids, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "False", "False"]
 
 
 def test_pick_probe_picks_nvml() -> None:

@@ -14,6 +14,7 @@ import threading
 import time
 import wave
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -157,27 +158,32 @@ async def test_lifecycle_drives_the_real_adapter(model_path: str) -> None:
 
 
 class FakeCT2:
+    """The CTranslate2 model calls the adapter makes, recording each call and its thread."""
+
     def __init__(self, unload_works: bool = True, load_fails: bool = False) -> None:
         self.model_is_loaded = True
         self.unload_works = unload_works
         self.load_fails = load_fails
         self.calls: list[str] = []
+        self.threads: list[threading.Thread] = []
 
     def unload_model(self, to_cpu: bool = False) -> None:
         self.calls.append(f"unload(to_cpu={to_cpu})")
+        self.threads.append(threading.current_thread())
         if self.unload_works:
             self.model_is_loaded = False
 
-    def load_model(self) -> None:
-        self.calls.append("load")
+    def load_model(self, keep_cache: bool = False) -> None:
+        self.calls.append(f"load(keep_cache={keep_cache})")
+        self.threads.append(threading.current_thread())
         if self.load_fails:
             self.model_is_loaded = True  # a partial device copy
             raise RuntimeError("CUDA out of memory")
         self.model_is_loaded = True
 
 
-def cuda_adapter(ct2: FakeCT2) -> CTranslate2WhisperAdapter:
-    adapter = CTranslate2WhisperAdapter("/nonexistent")
+def cuda_adapter(ct2: FakeCT2, path: str = "/nonexistent") -> CTranslate2WhisperAdapter:
+    adapter = CTranslate2WhisperAdapter(path)
     adapter.model = SimpleNamespace(model=ct2)
     adapter.device = "cuda:0"
     adapter._on_device = True
@@ -189,7 +195,51 @@ def test_cuda_offload_and_restore_use_ctranslate2() -> None:
     adapter = cuda_adapter(ct2)
     adapter.to_cpu()
     adapter.to_gpu()
-    assert ct2.calls == ["unload(to_cpu=True)", "load"]
+    assert ct2.calls == ["unload(to_cpu=True)", "load(keep_cache=True)"]
+
+
+def test_every_ctranslate2_call_runs_on_the_instances_thread(model_path: str) -> None:
+    """Calls made from several pool threads (as asyncio.to_thread does) all land on one thread."""
+    ct2 = FakeCT2()
+    adapter = cuda_adapter(ct2, model_path)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for _ in range(3):
+            pool.submit(adapter.to_cpu).result()
+            pool.submit(adapter.to_gpu).result()
+        inference = pool.submit(lambda: adapter.submit(threading.current_thread).result()).result()
+    thread = adapter.thread
+    assert thread is not None and thread is not threading.current_thread()
+    assert set(ct2.threads) == {thread} and inference is thread and len(ct2.threads) == 6
+    adapter.release()
+    assert ct2.threads[-1] is thread and ct2.calls[-1] == "unload(to_cpu=False)"
+    assert adapter.thread is None and not thread.is_alive()  # its thread-local caches went with it
+
+
+def test_host_copy_is_kept_and_counted_after_the_first_offload(model_path: str) -> None:
+    adapter = cuda_adapter(FakeCT2(), model_path)
+    size = adapter.weights_bytes()
+    assert size and adapter.footprint() == Footprint(bytes_gpu=size)  # loaded: no host copy yet
+    adapter.to_cpu()
+    assert adapter.footprint() == Footprint(bytes_cpu=size)
+    adapter.to_gpu()  # keep_cache=True: CTranslate2 keeps the host copy beside the device copy
+    assert adapter.footprint() == Footprint(bytes_gpu=size, bytes_cpu=size)
+    adapter.release()
+    assert adapter.footprint() == Footprint()
+
+
+def test_real_model_runs_on_one_thread_ended_by_release(model_path: str, speech: bytes) -> None:
+    adapter = CTranslate2WhisperAdapter(model_path)
+    adapter.load("cpu")
+    thread = adapter.thread
+    assert thread is not None and thread.is_alive()
+    text = adapter.submit(Transcriber(adapter, "tiny", beam_size=1).transcribe, decode_audio_bytes(speech),
+                          TranscriptionOptions()).result()["text"]
+    assert text
+    adapter.release()
+    assert not thread.is_alive() and adapter.model is None
+    adapter.load("cpu")  # a new thread for the next load
+    assert adapter.thread is not None and adapter.thread is not thread
+    adapter.release()
 
 
 def test_cuda_offload_skipped_by_ctranslate2_raises() -> None:
@@ -213,8 +263,13 @@ def test_cuda_failed_restore_drops_partial_copy_and_raises() -> None:
 def test_release_unloads_and_drops_references() -> None:
     ct2 = FakeCT2()
     adapter = cuda_adapter(ct2)
+    adapter.to_cpu()
+    thread = adapter.thread
+    ct2.calls.clear()
+    ct2.threads.clear()
     adapter.release()
     assert ct2.calls == ["unload(to_cpu=False)"]
+    assert ct2.threads == [thread] and not thread.is_alive()
     assert adapter.model is None and adapter.footprint() == Footprint()
 
 
@@ -343,6 +398,10 @@ class FakeAdapter:
 
     def __init__(self) -> None:
         self.model: Any = None
+        self._executor = ThreadPoolExecutor(max_workers=1)
+
+    def submit(self, fn: Any, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self._executor.submit(fn, *args, **kwargs)
 
     def load(self, device: str) -> None:
         self.model = object()
