@@ -199,9 +199,9 @@ def _never_fits(
     _, uuid, need, room = worst
     slot = d.gpus[uuid]
     _, pinned_bytes, _ = _capacity(d, uuid, resident_on)
-    together = ", ".join(
-        [_names(to_place)] + [f"{_human(resident_on[uuid])} already resident"] * (uuid in resident_on)
-    )
+    together = _names(to_place)
+    if uuid in resident_on:
+        together += f", with {_human(resident_on[uuid])} already resident,"
     return (
         f"the group can never be resident together: {together} need {_human(need + resident_on.get(uuid, 0))} "
         f"on {uuid}, which holds at most {_human(room + resident_on.get(uuid, 0))} for them "
@@ -286,9 +286,11 @@ def _commit(
     actions: list[Action] = []
     done: set[str] = set()
     for p in members:
-        # Each GPU's evictions come right before the Wait of the first member placed there.
+        # Each GPU's evictions come right before the Wait of the first member placed there. A GPU
+        # that needs no eviction (the group waits for another of its GPUs) is neither reserved
+        # nor held: requests behind may use it meanwhile, the group holds nothing while it waits.
         uuid = assignment[to_place.index(p)] if p in to_place else None
-        if uuid is not None and uuid not in done:
+        if uuid is not None and uuid not in done and plans[uuid].evict:
             done.add(uuid)
             for inst in plans[uuid].evict:
                 idle = d.now - inst.last_used_at
