@@ -201,7 +201,9 @@ class ManagedModel(ModelReplica):
         result = getattr(self, method)(*args, **kwargs)
         if inspect.isawaitable(result):
             result = await result
-        if offload_after:
+        if offload_after and self.lifecycle.in_flight == 0:
+            # Only when nobody else holds the model: another request's lease would make the
+            # offload wait for it, and this step's caller with it.
             outcome = await self.lifecycle.offload("alternate pipeline: step done")
             logger.debug("model %r after its pipeline step: %s", self.config.id, outcome)
         return result
