@@ -1,4 +1,4 @@
-"""Issue: bring your own model. The example's `ManagedModel` deployments (examples/byo/tts.py) on
+"""Issue: bring your own model. The example's `ManagedModel` deployments (examples/byo/) on
 the two-node cluster with simulated VRAM, beside nothing else.
 
 Sizes (MiB): each simulated GPU has 256 with an 8 MiB margin, so 248 usable.
@@ -35,7 +35,7 @@ NEVER = {"idle_timeout_s": None, "release_timeout_s": None}
 
 def _model(model_id: str, cls: str, node: str, size_mib: int, declared_mib: int, **extra: Any) -> dict[str, Any]:
     return {
-        "id": model_id, "family": "python", "deployment": f"examples.byo.tts:{cls}",
+        "id": model_id, "family": "python", "deployment": f"examples.byo.models:{cls}",
         "options": {"size_mib": size_mib}, "num_gpus": 0.25, "vram_bytes": declared_mib * MiB,
         "resources": {node: 1}, "autoscaling": fast_autoscaling(), **NEVER, **extra,
     }
@@ -43,7 +43,7 @@ def _model(model_id: str, cls: str, node: str, size_mib: int, declared_mib: int,
 
 def _pipeline(model_id: str, codec: str, lm: str, **extra: Any) -> dict[str, Any]:
     return {
-        "id": model_id, "family": "python", "deployment": "examples.byo.tts:TtsPipeline",
+        "id": model_id, "family": "python", "deployment": "examples.byo.pipeline:TtsPipeline",
         "options": {"codec": codec, "lm": lm}, "num_gpus": 0, "num_cpus": 0,
         "autoscaling": {"min_replicas": 1, "max_replicas": 1}, **extra,
     }
@@ -141,6 +141,12 @@ def test_offload_and_restore_through_the_admin_api(url: str) -> None:
     assert r.status_code == 200, r.text
     lm = wait_for(lambda: (x := row(url, "lm")) and x["last_restore_s"] is not None and x, what="a restore")
     print(f"\nlm offload {lm['last_offload_s']:.4f}s, restore {lm['last_restore_s']:.4f}s; request {timings(r)}")
+    # Released, the next request reloads it in the same replica (the first load also paid imports).
+    assert admin(url, "release", {"model": "lm"}).status_code == 200
+    wait_for(lambda: state_of(url, "lm") == "unloaded", what="lm released")
+    assert speak(url).status_code == 200
+    lm = wait_for(lambda: (x := row(url, "lm")) and x["state"] == "gpu" and x, what="lm reloaded")
+    print(f"lm reload in a live replica {lm['last_load_s']:.3f}s, release {lm['last_release_s']:.4f}s")
 
 
 def test_evicted_and_readmitted_like_a_builtin(url: str) -> None:

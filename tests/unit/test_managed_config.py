@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def python_model(**overrides: Any) -> dict[str, Any]:
-    return {"id": "mine", "family": "python", "deployment": "examples.byo.tts:Codec", **overrides}
+    return {"id": "mine", "family": "python", "deployment": "examples.byo.models:Codec", **overrides}
 
 
 def config_error(args: dict[str, Any]) -> str:
@@ -48,16 +48,16 @@ def test_an_unimportable_module_fails_the_deploy_naming_the_field() -> None:
 
 
 def test_a_missing_class_fails_the_deploy_naming_the_field() -> None:
-    message = deploy_error(python_model(deployment="examples.byo.tts:NoSuchClass"))
+    message = deploy_error(python_model(deployment="examples.byo.models:NoSuchClass"))
     assert "models[0](id='mine').deployment" in message and "has no attribute 'NoSuchClass'" in message
 
 
 @pytest.mark.parametrize(
     ("path", "kind"),
-    [("serve_app.config:AppConfig", "class AppConfig"), ("examples.byo.tts:wav_bytes", "function")],
+    [("serve_app.config:AppConfig", "class AppConfig"), ("examples.byo.pipeline:wav_bytes", "function")],
 )
 def test_something_that_is_not_a_managed_model_fails_the_deploy(path: str, kind: str) -> None:
-    good = {"id": "ok", "family": "python", "deployment": "examples.byo.tts:Codec"}
+    good = {"id": "ok", "family": "python", "deployment": "examples.byo.models:Codec"}
     message = deploy_error(good, python_model(deployment=path))
     assert "models[1](id='mine').deployment" in message
     assert kind in message and "not a subclass of serve_app.ManagedModel" in message

@@ -11,7 +11,8 @@ from tests.unit.cluster.test_router import FakeClock, MiB, info, reading
 
 
 def app(**router: Any) -> dict[str, Any]:
-    models = [{"id": m, "family": "python", "deployment": "examples.byo.tts:Codec"} for m in ("a1", "a2", "b1", "b2")]
+    path = "examples.byo.models:Codec"
+    models = [{"id": m, "family": "python", "deployment": path} for m in ("a1", "a2", "b1", "b2")]
     return {"models": models, "router": {"margin_bytes": 0, "margin_fraction": 0.0, "max_loads_per_gpu": 4, **router}}
 
 

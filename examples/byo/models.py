@@ -1,4 +1,4 @@
-"""A text-to-speech-shaped pipeline under gpu-serve's memory manager: bring your own model.
+"""The two models of a text-to-speech-shaped pipeline, each its own `ManagedModel` deployment.
 
 Two small random-weight torch modules stand in for the two models of a TTS system: an audio
 codec (frames of audio <-> discrete codes) and a language model over those codes. Each is its
@@ -17,16 +17,13 @@ Served by `python -m serve_app run --config examples/byo/serve_config.yaml`:
 
 from __future__ import annotations
 
-import io
 import math
-import time
-import wave
 from typing import Any
 
-from fastapi import APIRouter, Depends, Response
-from pydantic import BaseModel, Field
+import torch
+from torch import nn
 
-from serve_app import ManagedModel, deployment
+from serve_app import ManagedModel
 
 FRAME = 320  # audio samples per codec frame (20 ms at 16 kHz)
 SAMPLE_RATE = 16_000
@@ -41,9 +38,6 @@ def _layers_for(size_mib: float, base_params: int, per_layer_params: int) -> int
 
 def build_codec(size_mib: float, device: str, seed: int = 0) -> Any:
     """The codec stand-in: an MLP encoder to code logits, a code embedding and an MLP decoder."""
-    import torch
-    from torch import nn
-
     width = 512
     depth = _layers_for(size_mib, 2 * FRAME * width + 2 * CODEBOOK * width, width * width)
 
@@ -74,9 +68,6 @@ def build_codec(size_mib: float, device: str, seed: int = 0) -> Any:
 
 def build_code_lm(size_mib: float, device: str, seed: int = 1) -> Any:
     """The language-model stand-in: residual MLP blocks over the mean of the codes so far."""
-    import torch
-    from torch import nn
-
     width, hidden = 512, 2048
     blocks = _layers_for(size_mib, 2 * CODEBOOK * width, 2 * width * hidden)
 
@@ -110,13 +101,9 @@ class Codec(ManagedModel):
         return build_codec(float(self.config.options.get("size_mib", 60)), device)
 
     async def encode(self, samples: list[float]) -> list[int]:
-        import torch
-
         return await self.run(lambda codec: codec.encode(torch.tensor(samples, device=codec_device(codec))).tolist())
 
     async def decode(self, codes: list[int]) -> list[float]:
-        import torch
-
         return await self.run(lambda codec: codec.decode(torch.tensor(codes, device=codec_device(codec))).tolist())
 
 
@@ -127,8 +114,6 @@ class LanguageModel(ManagedModel):
         return build_code_lm(float(self.config.options.get("size_mib", 100)), device)
 
     async def generate(self, prompt: list[int], new_codes: int) -> list[int]:
-        import torch
-
         def work(lm: Any) -> list[int]:
             return lm.generate(torch.tensor(prompt, device=codec_device(lm)), new_codes).tolist()
 
@@ -139,52 +124,3 @@ def codec_device(module: Any) -> Any:
     return next(module.parameters()).device
 
 
-class SpeakRequest(BaseModel):
-    text: str = Field(..., min_length=1, max_length=2000, description="What to say.")
-    codes_per_char: int = Field(2, ge=1, le=8, description="Audio codes generated per character of text.")
-
-
-routes = APIRouter()
-
-
-class TtsPipeline(ManagedModel):
-    """Deployment `tts` (and `tts-alternate`): no weights of its own; codec -> LM -> codec."""
-
-    routes = routes
-
-    def load(self, device: str) -> None:
-        return None
-
-    async def speak(self, text: str, codes_per_char: int = 2) -> tuple[list[float], dict[str, float]]:
-        timings: dict[str, float] = {}
-        start = time.perf_counter()
-        # A reference "voice" clip: the codec encodes it into the codes that prompt the LM.
-        voice = [math.sin(2 * math.pi * 220 * i / SAMPLE_RATE) * 0.3 for i in range(FRAME * 8)]
-        prompt = [b % CODEBOOK for b in text.encode()]
-        # The member ids are options so one class can serve several pipelines (default: codec, lm).
-        members = self.config.options.get("codec", "codec"), self.config.options.get("lm", "lm")
-        async with self.use_models(*members) as (codec, lm):
-            timings["admitted_s"] = time.perf_counter() - start
-            voice_codes = await codec.encode(voice)
-            codes = await lm.generate(prompt + voice_codes, codes_per_char * len(text))
-            audio = await codec.decode(codes)
-        timings["total_s"] = time.perf_counter() - start
-        return audio, timings
-
-
-def wav_bytes(samples: list[float]) -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(SAMPLE_RATE)
-        w.writeframes(b"".join(int(max(-1.0, min(1.0, s)) * 32767).to_bytes(2, "little", signed=True) for s in samples))
-    return buf.getvalue()
-
-
-@routes.post("/speak", response_class=Response)
-async def speak(body: SpeakRequest, pipeline: TtsPipeline = Depends(deployment)) -> Response:
-    """Text in, a 16 kHz mono WAV out; timings in the X-Timings header."""
-    audio, timings = await pipeline.speak(body.text, body.codes_per_char)
-    header = ", ".join(f"{k}={v:.4f}" for k, v in timings.items())
-    return Response(content=wav_bytes(audio), media_type="audio/wav", headers={"X-Timings": header})
