@@ -372,6 +372,13 @@ class Router:
             # Held (counted as in use) until the member's lease is taken: nothing may evict it
             # between this answer and its lease. Bounded, in case the member never comes back.
             self.holds[action.replica] = self.clock() + self.config.router.request_timeout_s
+            # A single request of the same replica may already be waiting here with the
+            # lifecycle's one load in flight; the member's lease waits for that load. Admitting
+            # it with the group lets that load go ahead (on the group's reservation).
+            for rid, other in list(self.pending.items()):
+                if other.load.replica == action.replica and other.load.group is None and not other.future.done():
+                    self.pending.pop(rid, None)
+                    other.future.set_result({"admitted": True, "gpu": action.gpu, "reason": "admitted with its group"})
         pending.future.set_result({"admitted": True, "gpu": action.gpu, "reason": action.reason, "kind": load.kind})
         if self.metrics is not None:
             tags = {"model": pending.load.model}

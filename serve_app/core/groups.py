@@ -82,7 +82,6 @@ def place_group(d: _Decision, members: list[PendingLoad]) -> list[Action]:
         return wait_all("another request for one of its models is ahead of the group")
     if any(k in d.chosen for k in keys):
         return wait_all("one of its models is being moved for a request ahead of the group")
-    d.placed.update(keys)
 
     resident: list[PendingLoad] = []
     to_place: list[PendingLoad] = []
@@ -118,6 +117,10 @@ def place_group(d: _Decision, members: list[PendingLoad]) -> list[Action]:
 
     best = _fits_now(d, to_place, assignments, resident_on)
     if best is not None:
+        # Only an admitted group claims its instances: a waiting one leaves them to the requests
+        # behind it. A single request for a member behind it gets "another request is ahead";
+        # the router answers it with the group's admission (one load serves both).
+        d.placed.update(keys)
         actions: list[Action] = []
         per_slot: dict[str, list[PendingLoad]] = {}
         for p, uuid in zip(to_place, best, strict=True):

@@ -325,8 +325,9 @@ class PolicyWorld(RuleBasedStateMachine):
             event(type(action).__name__)
             self.apply(action)
         for a in actions:
-            if isinstance(a, Admit):
-                # External usage is stable within this step: admits must leave the margin free.
+            if isinstance(a, Admit) and "already resident" not in a.reason:
+                # External usage is stable within this step: admits must leave the margin free
+                # (a resident group member allocates nothing new).
                 total = self.totals[a.gpu]
                 assert self.accounted(a.gpu) + external.get(a.gpu, 0) + margin(total, self.limits) <= total
 
@@ -346,6 +347,9 @@ class PolicyWorld(RuleBasedStateMachine):
                 inst.state = S.RESTORING if inst.state is S.CPU else S.LOADING
                 inst.gpu, inst.bytes_gpu = action.gpu, request.bytes_needed
                 inst.joint += 1
+                # Like the router: a single request waiting on this instance is admitted with
+                # the group (one load serves both; its requests are served once resident).
+                self.pending.pop(action.model, None)
             return
         if isinstance(action, Admit):
             request = self.pending.pop(action.model)
