@@ -90,3 +90,23 @@ async def test_a_failed_member_cancels_the_group_at_once() -> None:
     await router.cancel_group("g")
     result = await asyncio.wait_for(waiting, 1.0)
     assert result["admitted"] is False and "failed" in result["reason"]
+
+
+async def test_a_single_request_waiting_on_a_member_is_admitted_with_its_group() -> None:
+    """The lifecycle runs one load per instance: a single request already waiting at the router
+    holds it, and the member's lease waits for that load. Admitting the group must release it."""
+    router = await router_with_gpu(1000)
+    # Hold the GPU with another group first, so the single request for a1 has to queue. (Same
+    # clock: the queue orders by request id, so the group "g/..." is decided before "single-a1".)
+    blocker = [router.admit_group(member(f"r-{m}", m, 450), "blocker", 2, 5.0) for m in ("b1", "b2")]
+    await asyncio.wait_for(asyncio.gather(*blocker), 1.0)
+    single = asyncio.ensure_future(router.admit(member("r-a1", "a1", 300), "single-a1", "load", 5.0))
+    group = [asyncio.ensure_future(router.admit_group(member(f"r-{m}", m, 300), "g", 2, 5.0)) for m in ("a1", "a2")]
+    await asyncio.sleep(0.01)
+    assert not single.done() and not any(f.done() for f in group)
+    for m in ("b1", "b2"):
+        await router.release_hold(member(f"r-{m}", m, 450, "gpu", seq=2))
+        await router.heartbeat(member(f"r-{m}", m, 450, "unloaded", seq=4))
+    router._decide_and_act()
+    results = await asyncio.wait_for(asyncio.gather(single, *group), 1.0)
+    assert all(r["admitted"] for r in results), results
