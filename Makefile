@@ -39,10 +39,10 @@ run: $(STAMP)
 	$(PY) -m serve_app run
 
 lint: $(TEST_STAMP)
-	$(VENV)/bin/ruff check serve_app deployments tests bench
+	$(VENV)/bin/ruff check serve_app deployments tests bench examples
 
 test: install-test
-	$(VENV)/bin/ruff check serve_app deployments tests bench
+	$(VENV)/bin/ruff check serve_app deployments tests bench examples
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 unit: $(TEST_STAMP)

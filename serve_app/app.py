@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from serve_app.config import AppConfig, ModelConfig, parse_app_config
+from serve_app.cluster.names import deployment_name
+from serve_app.config import PYTHON_FAMILY, AppConfig, ConfigError, ModelConfig, parse_app_config
 from serve_app.logs import serve_logging_config
 
 FAMILY_DEPLOYMENTS = {
@@ -14,8 +15,7 @@ FAMILY_DEPLOYMENTS = {
 }
 
 
-def deployment_name(model_id: str) -> str:
-    return "model-" + "".join(c if c.isalnum() or c in "-_." else "-" for c in model_id)
+__all__ = ["FAMILY_DEPLOYMENTS", "bind_model", "build_app", "deployment_name", "user_deployment"]
 
 
 def _deployment_class(family: str) -> Any:
@@ -25,8 +25,42 @@ def _deployment_class(family: str) -> Any:
     return getattr(importlib.import_module(module_name), attr)
 
 
+def user_deployment(model: ModelConfig, config: AppConfig) -> Any:
+    """The Serve deployment of a `family: python` entry, or a ConfigError naming its field."""
+    import importlib
+
+    from ray import serve
+
+    from serve_app.managed import ManagedModel
+
+    index = next(i for i, m in enumerate(config.models) if m.id == model.id)
+    where = f"models[{index}](id={model.id!r}).deployment"
+    path = model.deployment or ""
+    module_name, _, attr = path.partition(":")
+
+    def fail(why: str) -> ConfigError:
+        return ConfigError(f"invalid gpu-serve config:\n  {where}: {why} (got {path!r})")
+
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:
+        raise fail(
+            f"cannot import module {module_name!r} ({type(exc).__name__}: {exc}); check the module path and "
+            "that its package is installed (or on PYTHONPATH) on every node"
+        ) from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise fail(f"module {module_name!r} has no attribute {attr!r}; name the ManagedModel subclass")
+        obj = getattr(obj, part)
+    target = getattr(obj, "func_or_class", obj)  # a class already wrapped in @serve.deployment
+    if not (isinstance(target, type) and issubclass(target, ManagedModel)):
+        kind = f"class {target.__qualname__}" if isinstance(target, type) else type(target).__name__
+        raise fail(f"{kind} is not a subclass of serve_app.ManagedModel; subclass it and implement load(device)")
+    return obj if target is not obj else serve.deployment(target)
+
+
 def bind_model(model: ModelConfig, config: AppConfig) -> Any:
-    cls = _deployment_class(model.family)
+    cls = user_deployment(model, config) if model.family == PYTHON_FAMILY else _deployment_class(model.family)
     return cls.options(
         name=deployment_name(model.id),
         ray_actor_options={"num_gpus": model.num_gpus, "num_cpus": model.num_cpus, "resources": dict(model.resources)},
@@ -54,6 +88,9 @@ def build_app(args: dict[str, Any]) -> Any:
     from serve_app.ingress import Ingress
 
     config = parse_app_config(args)
+    for m in config.models:  # every bad deployment path fails before anything is bound
+        if m.family == PYTHON_FAMILY:
+            user_deployment(m, config)
     handles = {m.id: bind_model(m, config) for m in config.models}
     return Ingress.options(
         num_replicas=config.http.num_replicas,

@@ -13,13 +13,15 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 logger = logging.getLogger("serve_app.config")
 
-Family = Literal["sentence-transformers", "faster-whisper", "transformers-causal-lm"]
-FAMILIES: tuple[str, ...] = ("sentence-transformers", "faster-whisper", "transformers-causal-lm")
+Family = Literal["sentence-transformers", "faster-whisper", "transformers-causal-lm", "python"]
+FAMILIES: tuple[str, ...] = ("sentence-transformers", "faster-whisper", "transformers-causal-lm", "python")
+#: The family of a user's own deployment (a `serve_app.ManagedModel` subclass named by `deployment`).
+PYTHON_FAMILY = "python"
 
 PositiveSeconds = Annotated[float, Field(ge=0)]
 GiB = 1024**3
@@ -75,14 +77,32 @@ class ModelConfig(_Frozen):
     id: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$", description="Public model id.")
     family: str = Field(..., description=f"Model family, one of {', '.join(FAMILIES)}.")
     source: str = Field(
-        ...,
-        min_length=1,
+        "",
         description=(
             "Where the weights are: 'package:NAME' (a Python package exposing get_model_path()), "
-            "a local directory, or 'hub:ORG/NAME' (downloaded by the model library on first load)."
+            "a local directory, or 'hub:ORG/NAME' (downloaded by the model library on first load). "
+            "Required for the built-in families; optional for family python (the class reads it)."
         ),
     )
-    num_gpus: float = Field(0.25, description="Fraction of a GPU each replica reserves in Ray, in (0, 1].")
+    deployment: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$",
+        description="family python: 'package.module:ClassName' of a serve_app.ManagedModel subclass.",
+    )
+    alternate: bool = Field(
+        False,
+        description=(
+            "family python pipelines: use_models() holds one model at a time and offloads each right "
+            "after its step (for GPUs that cannot hold the pipeline's models together)."
+        ),
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="family python: free-form options the class reads (config.options)."
+    )
+    num_gpus: float = Field(
+        0.25,
+        description="Fraction of a GPU each replica reserves in Ray, in (0, 1]; 0 allowed for family python.",
+    )
     num_cpus: float = Field(0.25, ge=0, description="Logical CPUs each replica reserves in Ray.")
     resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources each replica needs (to pin a model to labelled nodes)."
@@ -128,14 +148,21 @@ class ModelConfig(_Frozen):
 
     @field_validator("num_gpus")
     @classmethod
-    def _gpu_fraction(cls, v: float) -> float:
+    def _gpu_fraction(cls, v: float, info: ValidationInfo) -> float:
+        # A python pipeline that holds no model of its own needs no GPU share (num_gpus: 0).
+        if v == 0 and info.data.get("family") == PYTHON_FAMILY:
+            return v
         if not 0 < v <= 1:
             raise ValueError(f"num_gpus must be in (0, 1], got {v!r}")
         return v
 
     @field_validator("source")
     @classmethod
-    def _source_exists(cls, v: str) -> str:
+    def _source_exists(cls, v: str, info: ValidationInfo) -> str:
+        if not v:
+            if info.data.get("family") not in (None, PYTHON_FAMILY):
+                raise ValueError(f"source is required for family {info.data.get('family')!r}")
+            return v
         kind, _ = split_source(v)
         if kind == "path":
             path = Path(v).expanduser()
@@ -146,6 +173,20 @@ class ModelConfig(_Frozen):
             if not name.isidentifier():
                 raise ValueError(f"source package {name!r} is not a valid module name")
         return v
+
+    @model_validator(mode="after")
+    def _python_deployment(self) -> ModelConfig:
+        if self.family != PYTHON_FAMILY and not self.source:
+            raise ValueError(f"source is required for family {self.family!r} (model {self.id!r})")
+        if self.family == PYTHON_FAMILY and self.deployment is None:
+            raise ValueError(
+                "family python needs deployment: 'package.module:ClassName' (a serve_app.ManagedModel subclass)"
+            )
+        if self.family != PYTHON_FAMILY and (self.deployment is not None or self.alternate or self.options):
+            raise ValueError(
+                f"deployment, alternate and options are for family python; model {self.id!r} is {self.family}"
+            )
+        return self
 
     def resolve_source(self) -> str:
         """Return what the model library should open: a local path or a hub id."""

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import FastAPI
 from ray import serve
 
-from serve_app.api import admin, embeddings, models
+from serve_app.api import admin, custom, embeddings, models
 from serve_app.api.context import Context, set_context
 from serve_app.api.errors import install_error_handlers
 from serve_app.config import AppConfig
@@ -21,7 +21,7 @@ OPTIONAL_ROUTERS = ("serve_app.api.audio", "serve_app.api.chat")
 def build_fastapi() -> FastAPI:
     app = FastAPI(title="gpu-serve", description="OpenAI-compatible multi-model serving with managed GPU memory.")
     install_error_handlers(app)
-    for module in (models, embeddings, admin):
+    for module in (models, embeddings, admin, custom):
         app.include_router(module.router)
     import importlib
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,10 @@ if TYPE_CHECKING:
     from serve_app.core.lifecycle import Lifecycle, TransitionEvent
 
 logger = logging.getLogger("serve_app.cluster.link")
+
+#: Set while a joint member takes its lease: the router already admitted this replica's load
+#: or restore with its group, so the lifecycle's own admission must not ask (and wait) again.
+GROUP_GRANT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("group_grant", default=None)
 
 
 class RouterLink:
@@ -207,6 +212,9 @@ class RouterLink:
 
     async def admit(self, kind: str) -> None:
         """Ask the router for GPU room before a load or a restore; raise CapacityError if none."""
+        grant = GROUP_GRANT.get()
+        if grant is not None and grant.get("kind") == kind:
+            return None  # admitted with its group (see admit_group)
         timeout = self.app.router.request_timeout_s
         request_id = uuid.uuid4().hex
         try:
@@ -255,3 +263,49 @@ class RouterLink:
         )
 
 
+
+    # --- joint admission (serve_app.ManagedModel.use_models) -----------------------------------
+
+    async def admit_group(self, group: str, size: int) -> dict[str, Any]:
+        """Ask the router to admit this replica's model together with the rest of `group`.
+
+        Returns the router's grant (its `kind` says what was admitted: "resident", "load" or
+        "restore"); raises CapacityError with the policy's numbers when the group cannot fit.
+        """
+        timeout = self.app.router.request_timeout_s
+        try:
+            router = await self._router_handle()
+            if not self._registered:
+                await router.register.remote(self.info())
+                self._registered = self.connected = True
+            result = await asyncio.wait_for(
+                router.admit_group.remote(self.info(), group, size, timeout), timeout=timeout + 5.0
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._lost(exc)
+            # No router: no joint decision. The lease below then admits on its own (local check).
+            return {"admitted": True, "kind": None, "reason": "router unreachable"}
+        if result.get("admitted"):
+            return result
+        never = bool(result.get("never"))
+        raise CapacityError(
+            f"cannot admit model {self.config.id!r} together with the other {size - 1} model(s) of its "
+            f"request: {result.get('reason', 'no GPU memory')}"
+            + ("" if never else f"; waited {timeout:.0f}s. Retry later or free memory with POST /gpu/offload"),
+            retry_after_s=result.get("retry_after_s", 5.0),
+            code="group_cannot_fit" if never else None,
+        )
+
+    def release_hold(self) -> None:
+        """The lease is taken: the router may stop holding this replica for its group."""
+        if self._router is not None:
+            with contextlib.suppress(Exception):
+                self._router.release_hold.remote(self.info())
+
+    async def cancel_group(self, group: str) -> None:
+        """A member failed: answer the members still waiting at once instead of at their timeout."""
+        with contextlib.suppress(Exception):
+            router = await self._router_handle()
+            await router.cancel_group.remote(group)

@@ -11,6 +11,11 @@ from typing import Any
 ROUTER_NAME = "gpu-serve-router"
 
 
+def deployment_name(model_id: str) -> str:
+    """The Serve deployment name of a model: what handles look it up by."""
+    return "model-" + "".join(c if c.isalnum() or c in "-_." else "-" for c in model_id)
+
+
 def probe_name(node_id: str) -> str:
     return f"gpu-serve-probe-{node_id}"
 

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from serve_app.cluster import status as status_doc
@@ -34,6 +34,7 @@ from serve_app.core.snapshot import (
     Offload,
     PendingLoad,
     PolicyLimits,
+    Reject,
     Release,
     Snapshot,
     Wait,
@@ -84,6 +85,8 @@ class Router:
         self.readings = GpuReadings(rc.simulated_external_bytes)
         self.registry = ReplicaRegistry(clock, self.readings.freed)
         self.pending: dict[str, _Pending] = {}
+        #: Replica id -> until when it is held for a group admitted before its lease is taken.
+        self.holds: dict[str, float] = {}
         self._wake = asyncio.Event()
         self.started_at = clock()
         self.ticks = 0
@@ -140,16 +143,9 @@ class Router:
             await self.register(info)
         else:
             self.registry.update(self.replicas[rid], info)
-        status = info["status"]
         policy = self.policies.get(info["model"], {})
         rc = self.config.router
-        if kind == "restore" and status.get("bytes_cpu"):
-            need = int(status["bytes_cpu"])
-        else:
-            measured = self.registry.measured_bytes(info["model"])
-            need = estimate_need_bytes(
-                measured, info.get("declared_bytes"), info.get("weights_bytes"), rc.headroom_factor, rc.weights_factor
-            ) or 0
+        need = self._need_bytes(info, kind)
         if not info.get("gpus"):
             return {"admitted": True, "gpu": None, "reason": "replica has no GPU"}
         load = PendingLoad(
@@ -174,6 +170,78 @@ class Router:
             return {"admitted": False, "reason": reason, "retry_after_s": max(1.0, rc.tick_s * 5)}
         finally:
             self.pending.pop(request_id, None)
+
+    def _need_bytes(self, info: dict[str, Any], kind: str) -> int:
+        status = info["status"]
+        if kind == "resident":
+            return int(status.get("bytes_gpu") or 0)
+        if kind == "restore" and status.get("bytes_cpu"):
+            return int(status["bytes_cpu"])
+        rc = self.config.router
+        measured = self.registry.measured_bytes(info["model"])
+        return estimate_need_bytes(
+            measured, info.get("declared_bytes"), info.get("weights_bytes"), rc.headroom_factor, rc.weights_factor
+        ) or 0
+
+    # --- joint admission (called by the members of a ManagedModel.use_models group) ----------
+
+    async def admit_group(
+        self, info: dict[str, Any], group: str, size: int, timeout_s: float
+    ) -> dict[str, Any]:
+        """Wait until the policy admits this member together with the rest of its group.
+
+        Each member of the group asks from its own replica; the policy (`core/groups.py`) decides
+        them as one once all `size` have asked. A group that can never fit is answered at once.
+        """
+        rid = info["replica"]
+        if rid not in self.replicas:
+            await self.register(info)
+        else:
+            self.registry.update(self.replicas[rid], info)
+        policy = self.policies.get(info["model"], {})
+        request_id = f"{group}/{rid}"
+        load = self._member_load(
+            PendingLoad(
+                request_id=request_id, model=info["model"], replica=rid, node=info["node"],
+                gpus=tuple(info.get("gpus") or ()), bytes_needed=0, priority=int(policy.get("priority", 0)),
+                enqueued_at=self.clock(), kind="load", group=group, group_size=size,
+            )
+        )
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.pending[request_id] = _Pending(load, fut)
+        self._decide_and_act()
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout=timeout_s)
+        except TimeoutError:
+            pending = self.pending.pop(request_id, None)
+            reason = pending.reason if pending else "timed out"
+            return {"admitted": False, "reason": reason, "retry_after_s": max(1.0, self.config.router.tick_s * 5)}
+        finally:
+            self.pending.pop(request_id, None)
+
+    def _member_load(self, load: PendingLoad) -> PendingLoad:
+        """A group member's request as its replica stands now: it may have been evicted (or
+        loaded by another request) while its group waited."""
+        rec = self.replicas.get(load.replica)
+        if rec is None:
+            return load
+        state = rec.status.get("state")
+        kind = "resident" if state == S.GPU.value else "restore" if state == S.CPU.value else "load"
+        return replace(load, kind=kind, bytes_needed=self._need_bytes(rec.info, kind))
+
+    async def release_hold(self, info: dict[str, Any]) -> None:
+        """The member took its lease: its in-flight count (in `info`, updated with the same call,
+        so no heartbeat can lag behind) protects it from here on."""
+        rec = self.replicas.get(info["replica"])
+        if rec is not None:
+            self.registry.update(rec, info)
+        self.holds.pop(info["replica"], None)
+
+    async def cancel_group(self, group: str) -> None:
+        for pending in list(self.pending.values()):
+            if pending.load.group == group and not pending.future.done():
+                pending.future.set_result({"admitted": False, "reason": "another model of the group failed"})
+        self._wake.set()
 
     # --- GPU readings (called by probes) -----------------------------------------------------
 
@@ -232,6 +300,7 @@ class Router:
                     state = S.LOADING if state is S.UNLOADED else S.RESTORING
                 bytes_gpu = max(bytes_gpu, rec.reservation)
             policy = self.policies.get(rec.model, {})
+            held = int(self.holds.get(rid, 0.0) > self.clock())  # admitted with a group, lease not yet taken
             out.append(
                 InstanceView(
                     model=rec.model,
@@ -242,7 +311,7 @@ class Router:
                     bytes_gpu=bytes_gpu,
                     bytes_cpu=int(st.get("bytes_cpu") or 0),
                     last_used_at=self.clock() - float(st.get("idle_in_state_s") or 0.0),
-                    in_flight=int(st.get("in_flight") or 0) + int(st.get("waiting") or 0),
+                    in_flight=int(st.get("in_flight") or 0) + int(st.get("waiting") or 0) + held,
                     priority=int(policy.get("priority", 0)),
                     idle_timeout_s=policy.get("idle_timeout_s"),
                     release_timeout_s=policy.get("release_timeout_s"),
@@ -259,7 +328,11 @@ class Router:
         return Snapshot(
             gpus=tuple(self._gpu_views()),
             instances=tuple(self._instances()),
-            pending=tuple(p.load for p in self.pending.values() if not p.future.done()),
+            pending=tuple(
+                p.load if p.load.group is None else self._member_load(p.load)
+                for p in self.pending.values()
+                if not p.future.done()
+            ),
             host_budget_bytes=dict(self.readings.host_budget),
             limits=self.limits,
         )
@@ -281,16 +354,32 @@ class Router:
                 pending = self.pending.get(action.request_id)
                 if pending is not None:
                     pending.reason = action.reason
+            elif isinstance(action, Reject):
+                pending = self.pending.pop(action.request_id, None)
+                if pending is not None and not pending.future.done():
+                    pending.future.set_result({"admitted": False, "never": True, "reason": action.reason})
 
     def _admit(self, action: Admit) -> None:
         pending = self.pending.pop(action.request_id, None)
         if pending is None or pending.future.done():
             return
         rec = self.replicas.get(action.replica)
-        if rec is not None:
-            rec.reservation = pending.load.bytes_needed
+        load = self._member_load(pending.load) if pending.load.group is not None else pending.load
+        if rec is not None and load.kind != "resident":
+            rec.reservation = load.bytes_needed
             rec.reserved_seq = int(rec.status.get("seq", 0))
-        pending.future.set_result({"admitted": True, "gpu": action.gpu, "reason": action.reason})
+        if load.group is not None:
+            # Held (counted as in use) until the member's lease is taken: nothing may evict it
+            # between this answer and its lease. Bounded, in case the member never comes back.
+            self.holds[action.replica] = self.clock() + self.config.router.request_timeout_s
+            # A single request of the same replica may already be waiting here with the
+            # lifecycle's one load in flight; the member's lease waits for that load. Admitting
+            # it with the group lets that load go ahead (on the group's reservation).
+            for rid, other in list(self.pending.items()):
+                if other.load.replica == action.replica and other.load.group is None and not other.future.done():
+                    self.pending.pop(rid, None)
+                    other.future.set_result({"admitted": True, "gpu": action.gpu, "reason": "admitted with its group"})
+        pending.future.set_result({"admitted": True, "gpu": action.gpu, "reason": action.reason, "kind": load.kind})
         if self.metrics is not None:
             tags = {"model": pending.load.model}
             self.metrics.admissions.inc(1, tags)

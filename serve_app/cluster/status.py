@@ -79,6 +79,7 @@ def queue_rows(pending: Iterable[tuple[PendingLoad, str]], now: float) -> list[d
         {
             "model": load.model, "replica": load.replica, "bytes": load.bytes_needed,
             "priority": load.priority, "waiting_s": round(now - load.enqueued_at, 3), "reason": reason,
+            "group": load.group,  # joint requests (ManagedModel.use_models) share a group id
         }
         for load, reason in sorted(pending, key=lambda p: p[0].enqueued_at)
     ]

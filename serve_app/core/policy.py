@@ -39,6 +39,9 @@ One decision, in order:
 Actions come back in decision order: idle transitions first (sorted by node, GPU, model,
 replica), then, per request in queue order, its evictions followed by its Admit or Wait.
 
+Joint requests (`PendingLoad.group`) are decided as one, at the place of their first member,
+by `serve_app/core/groups.py`: all admitted, all rejected, or all waiting.
+
 Eviction eligibility compares the request's *base* priority, not its aged one: aging decides
 who goes first, it must not let a long wait push out a model someone ranked higher.
 """
@@ -49,6 +52,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from serve_app.core.groups import group_members, place_group
 from serve_app.core.snapshot import (
     Action,
     Admit,
@@ -197,7 +201,10 @@ class _Decision:
     def __init__(self, snapshot: Snapshot, now: float) -> None:
         self.now = now
         self.limits = limits = snapshot.limits
-        self.pending_keys: set[_Key] = {(p.model, p.replica) for p in snapshot.pending}
+        self.pending_keys: set[_Key] = {(p.model, p.replica) for p in snapshot.pending if p.group is None}
+        #: Members of joint requests: kept from idle timeouts, but evictable while their group
+        #: waits, so a waiting group holds nothing (see `groups.py`).
+        self.group_keys: set[_Key] = {(p.model, p.replica) for p in snapshot.pending if p.group is not None}
         # Looked up by uuid only; every walk over GPUs goes through sorted uuids (see _place).
         self.gpus: dict[str, _Gpu] = {g.uuid: _Gpu(g, margin_bytes(g, limits)) for g in snapshot.gpus}
         self.instances: dict[_Key, InstanceView] = {}
@@ -256,7 +263,7 @@ class _Decision:
         )
 
     def _check_idle(self, inst: InstanceView, key: _Key) -> None:
-        if key in self.pending_keys:
+        if key in self.pending_keys or key in self.group_keys:
             return  # about to be loaded or restored: not idle
         idle = self.now - inst.last_used_at
         if inst.state is S.GPU:
@@ -418,6 +425,10 @@ def decide(snapshot: Snapshot, now: float) -> list[Action]:
     """Plan admissions, evictions and idle transitions for one tick (see the module doc)."""
     decision = _Decision(snapshot, now)
     decision.idle_transitions()
+    groups = group_members(snapshot.pending)
     for request in queue_order(snapshot.pending, now, snapshot.limits.aging_s):
-        decision.place(request)
+        if request.group is None:
+            decision.place(request)
+        elif request.group in groups:  # a group is decided once, at its first member's place
+            decision.actions.extend(place_group(decision, groups.pop(request.group)))
     return decision.actions

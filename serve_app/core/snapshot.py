@@ -65,7 +65,11 @@ class PendingLoad:
     bytes_needed: int
     priority: int
     enqueued_at: float
-    kind: str = "load"  # "load" or "restore"
+    kind: str = "load"  # "load", "restore", or "resident" (a joint member already on its GPU)
+    #: Joint admission (see `serve_app/core/groups.py`): requests sharing a group id are admitted
+    #: together or not at all, once all `group_size` of them have arrived.
+    group: str | None = None
+    group_size: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,4 +128,14 @@ class Wait:
     reason: str
 
 
-Action = Admit | Offload | Release | Wait
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """The request can never be admitted as asked (a group that cannot fit together): answer now."""
+
+    request_id: str
+    model: str
+    replica: str
+    reason: str
+
+
+Action = Admit | Offload | Release | Wait | Reject

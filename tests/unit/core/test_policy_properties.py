@@ -10,13 +10,16 @@ What it explores (hypothesis `RuleBasedStateMachine`, 150 examples x up to 40 st
   host-RAM budgets from 0 to 64 GiB; limits with 1-3 loads per GPU, an optional cap of 2-3
   models per GPU and aging of 10 or 30 s;
 - the rules: requests arrive (served at once, held in flight, or queued as a pending load or
-  restore), requests complete, time advances (a router tick: decide), another process's
-  usage on a GPU changes, an admin offloads or releases a model, loads/restores/offloads
-  finish (an event: decide), and "apply decision". Deciding runs `decide` on a fresh
+  restore), joint requests arrive (two or three models asked for as one group, whatever state
+  they are in, like `ManagedModel.use_models`), requests complete, time advances (a router
+  tick: decide), another process's usage on a GPU changes, an admin offloads or releases a
+  model, loads/restores/offloads finish (an event: decide), and "apply decision". Deciding runs `decide` on a fresh
   snapshot, checks it, and applies its actions (Admit -> loading/restoring with the reserved
   bytes, Offload -> offloading, Release -> unloaded).
 
-Checked on every decision: each pending request gets exactly one Admit or Wait; no instance
+Checked on every decision: each pending request gets exactly one Admit, Wait or Reject; a
+group's members all get the same kind of answer (all admitted together, all rejected, or all
+waiting), and a rejected group truly cannot fit on its GPUs; no instance
 gets two actions; nothing busy or pinned is offloaded or released; admits fit in
 ``min(probe free, total - accounted) - margin`` and, counting what other processes really use,
 leave the margin free; they respect the loads-per-GPU and models-per-GPU limits; offloads fit
@@ -49,6 +52,7 @@ from serve_app.core.snapshot import (
     Offload,
     PendingLoad,
     PolicyLimits,
+    Reject,
     Release,
     Snapshot,
     Wait,
@@ -85,6 +89,7 @@ class Instance:
     last_used_at: float = 0.0
     in_flight: int = 0
     waiting: int = 0  # requests queued until the model is on its GPU
+    joint: int = 0  # admitted joint requests whose lease starts once the model is on its GPU
     measured: bool = False
 
 
@@ -121,6 +126,9 @@ class PolicyWorld(RuleBasedStateMachine):
                 release_timeout_s=data.draw(st.sampled_from([None, 60.0, 300.0])),
             )
         self.pending: dict[str, PendingLoad] = {}
+        #: Joint requests' members by request id; recomputed from the instance at each snapshot,
+        #: as the router does (a waiting member may be evicted or loaded meanwhile).
+        self.joint: dict[str, PendingLoad] = {}
         self.host_budget = {n: data.draw(st.sampled_from([0, 2, 8, 64])) * GiB for n in nodes}
         self.limits = PolicyLimits(
             margin_fraction=0.05,
@@ -189,6 +197,16 @@ class PolicyWorld(RuleBasedStateMachine):
             kind="restore" if inst.state is S.CPU else "load",
         )
 
+    def member_load(self, p: PendingLoad) -> PendingLoad:
+        m, inst = self.models[p.model], self.instances[p.model]
+        if inst.state is S.GPU:
+            return replace(p, kind="resident", bytes_needed=inst.bytes_gpu)
+        if inst.state is S.CPU:
+            return replace(p, kind="restore", bytes_needed=inst.bytes_cpu)
+        need = estimate_need_bytes(m.size if inst.measured else None, None, m.size, 1.2, 1.3)
+        assert need is not None
+        return replace(p, kind="load", bytes_needed=need)
+
     def snapshot(self) -> Snapshot:
         gpus = tuple(
             GpuView(
@@ -222,13 +240,30 @@ class PolicyWorld(RuleBasedStateMachine):
             for name, m in sorted(self.models.items())
             for inst in [self.instances[name]]
         )
-        return Snapshot(gpus, instances, tuple(self.pending.values()), dict(self.host_budget), self.limits)
+        pending = (*self.pending.values(), *(self.member_load(p) for p in self.joint.values()))
+        return Snapshot(gpus, instances, pending, dict(self.host_budget), self.limits)
 
     # --- rules -------------------------------------------------------------------------
 
     @rule(arrivals=st.lists(ARRIVAL, min_size=1, max_size=4))
     def requests_arrive(self, arrivals: list[tuple[int, bool]]) -> None:
         self.arrive(arrivals)
+
+    @rule(picks=st.lists(st.integers(0, 9), min_size=2, max_size=3, unique=True))
+    def joint_request_arrives(self, picks: list[int]) -> None:
+        """`use_models(a, b[, c])`: every member asks with one group id, whatever its state."""
+        names = sorted({self.model(i)[0].name for i in picks})
+        if len(names) < 2:
+            return
+        self.seq += 1
+        group = f"grp-{self.seq:04d}"
+        for name in names:
+            m = self.models[name]
+            rid = f"{group}/{name}"
+            self.joint[rid] = PendingLoad(
+                request_id=rid, model=name, replica=f"r-{name}", node=m.node, gpus=m.gpus,
+                bytes_needed=0, priority=m.priority, enqueued_at=self.now, group=group, group_size=len(names),
+            )
 
     @rule(i=st.integers(0, 9), count=st.integers(1, 3))
     def requests_complete(self, i: int, count: int) -> None:
@@ -276,6 +311,8 @@ class PolicyWorld(RuleBasedStateMachine):
             else:  # the queued requests are served as soon as the model is resident
                 inst.state, inst.bytes_gpu, inst.bytes_cpu, inst.measured = S.GPU, m.size, 0, True
                 inst.waiting, inst.last_used_at = 0, self.now
+                inst.in_flight += inst.joint  # admitted joint requests take their lease now
+                inst.joint = 0
         self.apply_decision()
 
     @rule()
@@ -288,8 +325,9 @@ class PolicyWorld(RuleBasedStateMachine):
             event(type(action).__name__)
             self.apply(action)
         for a in actions:
-            if isinstance(a, Admit):
-                # External usage is stable within this step: admits must leave the margin free.
+            if isinstance(a, Admit) and "already resident" not in a.reason:
+                # External usage is stable within this step: admits must leave the margin free
+                # (a resident group member allocates nothing new).
                 total = self.totals[a.gpu]
                 assert self.accounted(a.gpu) + external.get(a.gpu, 0) + margin(total, self.limits) <= total
 
@@ -298,6 +336,21 @@ class PolicyWorld(RuleBasedStateMachine):
             return
         m = self.models[action.model]
         inst = self.instances[action.model]
+        if isinstance(action, Reject):
+            self.joint.pop(action.request_id)
+            return
+        if isinstance(action, Admit) and action.request_id in self.joint:
+            request = self.member_load(self.joint.pop(action.request_id))
+            if request.kind == "resident":
+                inst.in_flight += 1  # the lease is taken at once
+            else:
+                inst.state = S.RESTORING if inst.state is S.CPU else S.LOADING
+                inst.gpu, inst.bytes_gpu = action.gpu, request.bytes_needed
+                inst.joint += 1
+                # Like the router: a single request waiting on this instance is admitted with
+                # the group (one load serves both; its requests are served once resident).
+                self.pending.pop(action.model, None)
+            return
         if isinstance(action, Admit):
             request = self.pending.pop(action.model)
             inst.state = S.RESTORING if inst.state is S.CPU else S.LOADING
@@ -320,6 +373,55 @@ class PolicyWorld(RuleBasedStateMachine):
         for inst in self.instances.values():
             assert inst.in_flight == 0 or inst.state is S.GPU
 
+    @invariant()
+    def an_admitted_group_is_resident_together(self) -> None:
+        """Members admitted jointly are never moved before their lease starts."""
+        for inst in self.instances.values():
+            assert inst.joint == 0 or inst.state in (S.LOADING, S.RESTORING)
+
+
+def check_groups(snap: Snapshot, actions: list[Action]) -> None:
+    """A group gets one kind of answer; a rejected group truly cannot fit; an admitted one fits."""
+    members: dict[str, list[PendingLoad]] = {}
+    for p in snap.pending:
+        if p.group is not None:
+            members.setdefault(p.group, []).append(p)
+    answer = {a.request_id: type(a).__name__ for a in actions if isinstance(a, Admit | Wait | Reject)}
+    by_key = {(i.model, i.replica): i for i in snap.instances}
+    for group, ps in members.items():
+        kinds = {answer[p.request_id] for p in ps}
+        assert len(kinds) == 1, f"group {group} got mixed answers {kinds}"
+        kind = kinds.pop()
+        event(f"group {kind}")
+        if kind == "Admit":
+            assert len(ps) == ps[0].group_size
+        if kind == "Reject" and len({(p.model, p.replica) for p in ps}) == len(ps):
+            # Every member needing placement shares one GPU in this world when rejected? Check
+            # independently: no way to put them on their GPUs within total - margin - pinned.
+            to_place = [p for p in ps if by_key[(p.model, p.replica)].state is not S.GPU]
+            assert not _fits_somewhere(snap, ps, to_place), f"group {group} rejected but it could fit"
+
+
+def _fits_somewhere(snap: Snapshot, ps: list[PendingLoad], to_place: list[PendingLoad]) -> bool:
+    import itertools
+
+    gpus = {g.uuid: g for g in snap.gpus}
+    keys = {(p.model, p.replica) for p in ps}
+    for assignment in itertools.product(*[[u for u in p.gpus if u in gpus] for p in to_place]):
+        ok = True
+        for uuid in set(assignment):
+            g = gpus[uuid]
+            fixed = sum(
+                i.bytes_gpu for i in snap.instances
+                if i.gpu == uuid and i.state in HOLDS_GPU and (i.pinned or ((i.model, i.replica) in keys))
+            )
+            need = sum(p.bytes_needed for p, u in zip(to_place, assignment, strict=True) if u == uuid)
+            if need + fixed > g.total_bytes - margin(g.total_bytes, snap.limits):
+                ok = False
+        if ok:
+            return True
+    return False
+
 
 def margin(total: int, limits: PolicyLimits) -> int:
     """The safety margin, computed here rather than with the policy's own helper."""
@@ -336,18 +438,21 @@ def check_decision(snap: Snapshot, now: float, actions: list[Action]) -> None:
     gpus = {g.uuid: g for g in snap.gpus}
     by_key = {(i.model, i.replica): i for i in snap.instances}
     pending = {p.request_id: p for p in snap.pending}
-    pending_keys = {(p.model, p.replica) for p in snap.pending}
+    # Joint members are kept from idle timeouts, but are evictable while their group waits.
+    protected_keys = {(p.model, p.replica) for p in snap.pending}
+    pending_keys = {(p.model, p.replica) for p in snap.pending if p.group is None}
 
-    # One Admit or Wait per pending request; at most one action per instance.
-    answered = [a.request_id for a in actions if isinstance(a, Admit | Wait)]
+    # One Admit, Wait or Reject per pending request; at most one move or admit per instance.
+    answered = [a.request_id for a in actions if isinstance(a, Admit | Wait | Reject)]
     assert sorted(answered) == sorted(pending)
-    touched = [(a.model, a.replica) for a in actions if not isinstance(a, Wait)]
+    touched = [(a.model, a.replica) for a in actions if not isinstance(a, Wait | Reject)]
     assert len(touched) == len(set(touched))
+    check_groups(snap, actions)
 
     # Nothing busy or pinned is moved; only idle timeouts or a request's eviction plan move things.
     expired: set[tuple[str, str]] = set()
     for key, i in by_key.items():
-        if i.pinned or i.in_flight or key in pending_keys:
+        if i.pinned or i.in_flight or key in protected_keys:
             continue
         idle = now - i.last_used_at
         if i.state is S.GPU and i.idle_timeout_s is not None and idle >= i.idle_timeout_s:
@@ -371,19 +476,24 @@ def check_decision(snap: Snapshot, now: float, actions: list[Action]) -> None:
     # Admits fit, respect the load and model limits, and only use the request's GPUs.
     admitted: dict[str, int] = {}
     admit_count: dict[str, int] = {}
+    load_slots: dict[str, set[str]] = {}  # a group takes one load slot per GPU it loads onto
     for a in actions:
         if isinstance(a, Admit):
             p = pending[a.request_id]
             assert a.gpu in p.gpus
+            if p.kind == "resident":
+                assert by_key[(a.model, a.replica)].state is S.GPU and by_key[(a.model, a.replica)].gpu == a.gpu
+                continue
             admitted[a.gpu] = admitted.get(a.gpu, 0) + p.bytes_needed
             admit_count[a.gpu] = admit_count.get(a.gpu, 0) + 1
+            load_slots.setdefault(a.gpu, set()).add(p.group or p.request_id)
     for uuid, need in admitted.items():
         g = gpus[uuid]
         on_gpu = [i for i in snap.instances if i.gpu == uuid and i.state in HOLDS_GPU]
         accounted = sum(i.bytes_gpu for i in on_gpu)
         assert need <= min(g.free_bytes, g.total_bytes - accounted) - margin(g.total_bytes, limits)
         loads = sum(i.state in (S.LOADING, S.RESTORING) for i in on_gpu)
-        assert loads + admit_count[uuid] <= limits.max_loads_per_gpu
+        assert loads + len(load_slots[uuid]) <= limits.max_loads_per_gpu
         if limits.max_models_per_gpu is not None:
             assert len(on_gpu) + admit_count[uuid] <= limits.max_models_per_gpu
 
@@ -423,8 +533,10 @@ def check_decision(snap: Snapshot, now: float, actions: list[Action]) -> None:
         free = min(g.free_bytes, g.total_bytes - sum(i.bytes_gpu for i in on_gpu)) - margin(g.total_bytes, limits)
         return free >= p.bytes_needed
 
+    # (Single requests only: a group's fit is checked by check_groups.)
     ordered = sorted(snap.pending, key=lambda p: _queue_key(p, now, limits.aging_s))
     admitted_ids = {a.request_id for a in actions if isinstance(a, Admit)}
+    ordered = [p for p in ordered if p.group is None] if ordered and ordered[0].group is None else []
     if ordered and any(fits_now(ordered[0], u) for u in ordered[0].gpus):
         assert ordered[0].request_id in admitted_ids, "the head of the queue fits but was not admitted"
     if any(fits_now(p, u) for p in ordered for u in p.gpus):
