@@ -202,6 +202,15 @@ class RouterConfig(_Frozen):
 
 class HttpConfig(_Frozen):
     max_upload_bytes: int = Field(25 * MiB, gt=0, description="Largest audio upload (OpenAI's limit is 25 MB).")
+    api_keys: tuple[str, ...] = Field(
+        (), repr=False,
+        description="Inference keys for /v1/* (plus GPU_SERVE_API_KEYS); none: inference is open.",
+    )
+    admin_keys: tuple[str, ...] = Field(
+        (), repr=False,
+        description="Admin keys for /gpu/* commands, /gpu/events and /mcp (plus GPU_SERVE_ADMIN_KEYS); "
+        "none: admin commands only from loopback.",
+    )
     num_cpus: float = Field(0.1, ge=0, description="Logical CPUs for the ingress replica.")
     num_replicas: int = Field(1, ge=1, description="Ingress replicas.")
 

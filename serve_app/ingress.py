@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from ray import serve
 
 from serve_app.api import admin, embeddings, models
+from serve_app.api.auth import AuthMiddleware, context_keys
 from serve_app.api.context import Context, set_context
 from serve_app.api.errors import install_error_handlers
 from serve_app.config import AppConfig
@@ -21,6 +22,8 @@ OPTIONAL_ROUTERS = ("serve_app.api.audio", "serve_app.api.chat")
 def build_fastapi() -> FastAPI:
     app = FastAPI(title="gpu-serve", description="OpenAI-compatible multi-model serving with managed GPU memory.")
     install_error_handlers(app)
+    # Outermost: every route, mounted now or later (WebSocket, /mcp), passes the key rules first.
+    app.add_middleware(AuthMiddleware, keys=context_keys)
     for module in (models, embeddings, admin):
         app.include_router(module.router)
     import importlib
