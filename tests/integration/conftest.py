@@ -126,3 +126,18 @@ def deploy(serve_port: int) -> Callable[[dict[str, Any]], str]:
         return url
 
     return _deploy
+
+
+@pytest.fixture(scope="session")
+def hardened_lm_path(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from tests.textmodel import build_causal_lm_of_size
+
+    return build_causal_lm_of_size(tmp_path_factory.mktemp("hardened-lm") / "tiny-lm", 8 * 1024**2)
+
+
+@pytest.fixture(scope="session")
+def hardened_url(deploy: Callable[[dict[str, Any]], str], hardened_lm_path: Any) -> str:
+    """The app of `tests/integration/hardened.py`: keys set, every family, one unplaceable model."""
+    from tests.integration.hardened import hardened_args
+
+    return deploy(hardened_args(hardened_lm_path))

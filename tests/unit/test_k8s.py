@@ -48,3 +48,10 @@ def test_gpu_workers_request_gpus() -> None:
     (container,) = group["template"]["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert spec["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
+
+
+def test_head_service_stays_inside_the_cluster() -> None:
+    """The dashboard listens on 0.0.0.0 inside the pod (KubeRay's probes need it); the service
+    in front of it must not be a LoadBalancer or NodePort."""
+    head = _manifest()["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP"
