@@ -201,7 +201,10 @@ class RouterConfig(_Frozen):
 
 
 class HttpConfig(_Frozen):
-    max_upload_bytes: int = Field(25 * MiB, gt=0, description="Largest audio upload (OpenAI's limit is 25 MB).")
+    max_upload_bytes: int = Field(
+        25 * MiB, gt=0,
+        description="Largest upload (OpenAI's limit is 25 MB); any larger request body gets 413 before it is read.",
+    )
     api_keys: tuple[str, ...] = Field(
         (), repr=False,
         description="Inference keys for /v1/* (plus GPU_SERVE_API_KEYS); none: inference is open.",

@@ -10,8 +10,9 @@ from ray import serve
 
 from serve_app.api import admin, embeddings, models
 from serve_app.api.auth import AuthMiddleware, context_keys
-from serve_app.api.context import Context, set_context
+from serve_app.api.context import Context, get_context, set_context
 from serve_app.api.errors import install_error_handlers
+from serve_app.api.limits import BodyLimitMiddleware
 from serve_app.config import AppConfig
 
 logger = logging.getLogger("serve_app.ingress")
@@ -19,10 +20,16 @@ logger = logging.getLogger("serve_app.ingress")
 OPTIONAL_ROUTERS = ("serve_app.api.audio", "serve_app.api.chat")
 
 
+def upload_limit() -> int:
+    return get_context().config.http.max_upload_bytes
+
+
 def build_fastapi() -> FastAPI:
     app = FastAPI(title="gpu-serve", description="OpenAI-compatible multi-model serving with managed GPU memory.")
     install_error_handlers(app)
-    # Outermost: every route, mounted now or later (WebSocket, /mcp), passes the key rules first.
+    # Every route, mounted now or later (WebSocket, /mcp), passes the key rules first (the last
+    # middleware added is the outermost), then the body limits, before the route reads a byte.
+    app.add_middleware(BodyLimitMiddleware, limit=upload_limit)
     app.add_middleware(AuthMiddleware, keys=context_keys)
     for module in (models, embeddings, admin):
         app.include_router(module.router)

@@ -39,15 +39,24 @@ def error_response(exc: BaseException) -> JSONResponse:
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """The first error as `where: what (got value)`, with OpenAI's `param` the top-level field."""
     errors = exc.errors()
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    raw_loc = list(first.get("loc", ()))
     if first.get("type") == "json_invalid":
-        return f"malformed JSON body: {first.get('msg')}", None
-    param = ".".join(loc) or None
-    return f"{param or 'body'}: {first.get('msg')}", param
+        return f"malformed JSON body: {first.get('msg')}; send a JSON object", None
+    loc = [str(p) for p in (raw_loc[1:] if raw_loc[:1] == ["body"] else raw_loc)]
+    param = loc[0] if loc else None
+    where = ".".join(loc) or "body"
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    got = first.get("input")
+    shown = repr(got)
+    detail = "" if first.get("type") == "missing" or len(shown) > 80 else f" (got {shown})"
+    if not loc and not isinstance(got, dict):
+        msg = f"{msg}; the request body must be a JSON object"
+    return f"{where}: {msg}{detail}", param
 
 
 def install_error_handlers(app: FastAPI) -> None:
