@@ -215,6 +215,11 @@ class HttpConfig(_Frozen):
         "none: admin commands only from loopback.",
     )
     num_cpus: float = Field(0.1, ge=0, description="Logical CPUs for the ingress replica.")
+    check_placement: bool = Field(
+        True,
+        description="Answer 503 at once for a model no live node can host (e.g. GPUs asked, none in the "
+        "cluster) instead of waiting for a replica. Turn off where the Ray autoscaler adds such nodes from zero.",
+    )
     num_replicas: int = Field(1, ge=1, description="Ingress replicas.")
 
 

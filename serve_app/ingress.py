@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -17,6 +18,8 @@ from serve_app.config import AppConfig
 
 logger = logging.getLogger("serve_app.ingress")
 
+#: How often the ingress re-checks that every model's replica can be placed (nodes come and go).
+PLACEMENT_CHECK_S = 2.0
 OPTIONAL_ROUTERS = ("serve_app.api.audio", "serve_app.api.chat")
 
 
@@ -56,4 +59,20 @@ class Ingress:
         configure_logging()
         config = AppConfig.model_validate(app)
         router = get_or_create_router(config)
-        set_context(Context(config=config, handles=handles, router=router))
+        self.context = Context(config=config, handles=handles, router=router)
+        set_context(self.context)
+        self._placement = asyncio.get_running_loop().create_task(self._watch_placement())
+
+    async def _watch_placement(self) -> None:
+        """Keep `Context.unschedulable` current: nodes join and leave, so check every few seconds."""
+        from serve_app.cluster.placement import unschedulable_models
+
+        while True:
+            try:
+                found = await asyncio.to_thread(unschedulable_models, self.context.config)
+                for model_id in sorted(set(found) - set(self.context.unschedulable)):
+                    logger.warning("model %r cannot be scheduled: %s", model_id, found[model_id])
+                self.context.unschedulable = found
+            except Exception as exc:  # a GCS hiccup must not stop the watch
+                logger.warning("placement check failed: %s: %s", type(exc).__name__, exc)
+            await asyncio.sleep(PLACEMENT_CHECK_S)

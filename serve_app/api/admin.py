@@ -42,7 +42,12 @@ async def call_router(ctx: Context, method: str, *args: Any) -> Any:
 
 @router.get("/status")
 async def gpu_status(ctx: Context = Depends(get_context)) -> dict[str, Any]:
-    return await call_router(ctx, "status")
+    doc = await call_router(ctx, "status")
+    for row in doc.get("models", ()):
+        if row.get("model") in ctx.unschedulable and not row.get("replica"):
+            row["state"], row["reason"] = "unschedulable", ctx.unschedulable[row["model"]]
+    doc["unschedulable"] = dict(ctx.unschedulable)
+    return doc
 
 
 async def _command(ctx: Context, kind: str, model: str | None, params: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -71,6 +76,7 @@ async def load(cmd: ModelCommand | None = Body(None), ctx: Context = Depends(get
     if cmd.model is None:
         raise InvalidRequest("model is required for /gpu/load", param="model")
     ctx.model(cmd.model)
+    ctx.require_schedulable(cmd.model)  # else Serve would wait for a replica forever
     result = await _command(ctx, "load", cmd.model)
     if result["instances"]:
         return result

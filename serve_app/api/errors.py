@@ -11,9 +11,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_app.errors import QueueFull, ServeError, error_body
+from serve_app.errors import QueueFull, ReplicaUnavailable, ServeError, error_body
 
 logger = logging.getLogger("serve_app.api")
+
+
+#: Ray's errors for an actor that died or cannot be reached (matched by name: no Ray import here).
+REPLICA_GONE = frozenset({"RayActorError", "ActorDiedError", "ActorUnavailableError"})
 
 
 def unwrap(exc: BaseException) -> BaseException:
@@ -30,6 +34,10 @@ def error_response(exc: BaseException) -> JSONResponse:
         exc = QueueFull(
             f"too many requests are waiting for this model ({exc}); retry shortly", retry_after_s=2.0
         )
+    if type(exc).__name__ in REPLICA_GONE:  # killed or crashed mid-request: retryable, not our bug
+        first_line = (str(exc).splitlines() or [""])[0][:200]
+        logger.warning("model replica lost mid-request: %s: %s", type(exc).__name__, first_line)
+        exc = ReplicaUnavailable(type(exc).__name__)
     if isinstance(exc, ServeError):
         return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers())
     logger.exception("unhandled error", exc_info=exc)

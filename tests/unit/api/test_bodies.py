@@ -178,3 +178,20 @@ def test_uploads_leave_no_temporary_files(tmp_path: Path, monkeypatch: pytest.Mo
     assert error(r, 413)["code"] == "payload_too_large"
     assert list(tmp_path.iterdir()) == []
     set_context(None)
+
+
+def test_a_model_no_node_can_host_answers_503_with_the_reason(c: TestClient) -> None:
+    from serve_app.api.context import get_context
+
+    reason = "no node offers GPU 0.25: this cluster has no GPUs; run `python -m serve_app run`"
+    get_context().unschedulable = {"all-MiniLM-L6-v2": reason}
+    r = c.post("/v1/embeddings", json={"model": "all-MiniLM-L6-v2", "input": "x"})
+    err = error(r, 503)
+    assert err["code"] == "model_unschedulable" and reason in err["message"] and r.headers["retry-after"]
+    assert error(c.post("/gpu/load", json={"model": "all-MiniLM-L6-v2"}), 503)["code"] == "model_unschedulable"
+    health = c.get("/health").json()
+    assert health["models"]["all-MiniLM-L6-v2"] == "unschedulable"
+    assert health["unschedulable"] == {"all-MiniLM-L6-v2": reason}
+    # The other model is untouched (it fails later only for want of a handle in this test app).
+    r = c.post("/v1/audio/transcriptions", data={"model": "whisper-tiny.en"}, files={"file": ("a.wav", b"")})
+    assert error(r, 400)["param"] == "file"

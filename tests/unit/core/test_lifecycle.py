@@ -247,6 +247,7 @@ async def test_concurrent_first_requests_cause_exactly_one_load(lc: Lifecycle, a
     for r in requests:
         await r.finish()
     assert adapter.calls == ["load"]
+    assert lc.status()["loads"] == 1
     assert all(r.seen == [S.GPU, S.GPU] for r in requests)
     assert lc.in_flight == 0
 
