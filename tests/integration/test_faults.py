@@ -33,7 +33,7 @@ from tests.integration.hardened import (
 
 pytestmark = pytest.mark.integration
 #: 100 in `make soak` (the issue's figure); fewer in the default suite to keep CI fast (about 1.2 s a cycle here).
-CYCLES = int(os.environ.get("GPU_SERVE_FAULT_CYCLES", "30"))
+CYCLES = int(os.environ.get("GPU_SERVE_FAULT_CYCLES", "20"))
 MiB = 1024**2
 
 
@@ -216,6 +216,7 @@ def _rss_bytes(pid: int) -> int:
     raise AssertionError(f"no VmRSS for pid {pid}")
 
 
+@pytest.mark.soak
 def test_load_offload_restore_release_cycles_return_memory(hardened_url: str) -> None:
     from ray import serve
 
