@@ -223,6 +223,15 @@ class HttpConfig(_Frozen):
     num_replicas: int = Field(1, ge=1, description="Ingress replicas.")
 
 
+    @field_validator("api_keys", "admin_keys", mode="before")
+    @classmethod
+    def _comma_separated(cls, v: Any) -> Any:
+        """A string is a comma-separated list, as in the GPU_SERVE_*_KEYS variables."""
+        if isinstance(v, str):
+            return tuple(k.strip() for k in v.split(",") if k.strip())
+        return v
+
+
 class AppConfig(_Frozen):
     """Everything in the application's `args`."""
 
@@ -255,7 +264,7 @@ def parse_app_config(args: dict[str, Any]) -> AppConfig:
         lines = []
         for err in exc.errors():
             loc = _format_loc(err["loc"], args)
-            value = err.get("input")
+            value = "(hidden)" if {"api_keys", "admin_keys"} & {str(p) for p in err["loc"]} else err.get("input")
             lines.append(f"  {loc}: {err['msg']} (got {value!r})")
         raise ConfigError("invalid gpu-serve config:\n" + "\n".join(lines)) from None
 

@@ -202,3 +202,12 @@ def test_decide_is_pure_and_compares_every_key() -> None:
     assert decide(keys, Access.INFER, "c", None).allowed
     assert not decide(keys, Access.ADMIN, "a", "127.0.0.1").allowed, "with admin keys, loopback needs one too"
     assert decide(KeySet(), Access.ADMIN, None, "::1").allowed
+
+
+def test_a_config_error_in_the_keys_does_not_print_them() -> None:
+    from serve_app.config import ConfigError, parse_app_config
+
+    with pytest.raises(ConfigError) as info:
+        parse_app_config({"models": [MODEL], "http": {"api_keys": {"sk-secret-in-a-map": 1}}})
+    assert "api_keys" in str(info.value) and "sk-secret" not in str(info.value)
+    assert config(api_keys="a, b").http.api_keys == ("a", "b"), "a string is comma-separated, as in the env"
