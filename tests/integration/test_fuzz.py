@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.hardened import ADMIN_KEY, admin, hardened_args
+from tests.integration.hardened import ADMIN_KEY, SERVED, admin
 
 pytestmark = pytest.mark.integration
 
@@ -20,7 +20,7 @@ EXAMPLES = int(os.environ.get("GPU_SERVE_FUZZ_EXAMPLES", "30"))
 HANG_S = 45.0
 
 
-def test_fuzz_every_operation_no_5xx_no_hang(hardened_url: str, hardened_lm_path: Any) -> None:
+def test_fuzz_every_operation_no_5xx_no_hang(hardened_url: str) -> None:
     import schemathesis
     from hypothesis import HealthCheck, given, settings
     from hypothesis.errors import Unsatisfiable
@@ -57,9 +57,8 @@ def test_fuzz_every_operation_no_5xx_no_hang(hardened_url: str, hardened_lm_path
             except Unsatisfiable:  # nothing to make invalid (an operation without parameters)
                 assert mode is GenerationMode.NEGATIVE, op
     # What the fuzzer changed (timeouts, offloads, releases) must not leak into later tests.
-    config = hardened_args(hardened_lm_path)["models"]
-    for m in config:
-        admin(hardened_url, "timeout", {"model": m["id"], "idle_timeout_s": 300, "release_timeout_s": 1800})
+    for model in SERVED:
+        admin(hardened_url, "timeout", {"model": model, "idle_timeout_s": 300, "release_timeout_s": 1800})
     total = sum(cases.values())
     print(f"\n[fuzz] {total} cases over {len(cases)} operations, statuses {dict(sorted(statuses.items()))}, "
           f"slowest {slowest:.2f}s")
