@@ -35,13 +35,19 @@ MiB = 1024**2
 
 
 def _ingress_rss() -> int:
-    """RSS of the ingress replica process (every request passes through it; chaos never kills it)."""
+    """RSS of this cluster's ingress replica process (every request passes through it; chaos never
+    kills it). Matched by title and by this session's RAY_TMPDIR: other Ray clusters may run on
+    the same machine with the same process titles."""
+    ours = f"RAY_TMPDIR={os.environ['RAY_TMPDIR']}".encode()
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as fh:
                 if b"ServeReplica:gpu-serve:Ingress" not in fh.read():
+                    continue
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                if ours not in fh.read().split(b"\0"):
                     continue
             with open(f"/proc/{pid}/status") as fh:
                 return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
@@ -196,6 +202,7 @@ def test_soak_under_chaos_loses_nothing(hardened_url: str, clip: bytes) -> None:
         r = soak.call(warm, kind, 0)
         assert r.status_code == 200, r.text
     rss_before = _ingress_rss()
+    assert rss_before > 0, "the ingress process was not found"
     chaos = threading.Thread(target=soak.chaos_loop, daemon=True)
     clients = [threading.Thread(target=soak.client) for _ in range(CLIENTS)]
     start = time.monotonic()
