@@ -9,7 +9,7 @@ TEST_STAMP := $(VENV)/.installed-test
 SYSTEM_PACKAGES := espeak-ng sox
 PYTEST_ARGS ?=
 
-.PHONY: run test install install-test system-deps lint unit integration bench k8s clean bench-gpu
+.PHONY: run test install install-test system-deps lint unit integration bench k8s clean bench-gpu soak
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ unit: $(TEST_STAMP)
 
 integration: install-test
 	$(PY) -m pytest -q tests/integration
+
+# The long soak: 10,000 requests under chaos, and 100 load/offload/restore/release cycles.
+soak: install-test
+	GPU_SERVE_SOAK_REQUESTS=10000 GPU_SERVE_SOAK_S=3600 GPU_SERVE_FAULT_CYCLES=100 \
+	  $(PY) -m pytest -q -s -m soak tests/integration/test_soak.py tests/integration/test_faults.py
 
 bench: $(TEST_STAMP)
 	$(PY) bench/policy_decide.py

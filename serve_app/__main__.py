@@ -53,15 +53,19 @@ def start_ray(logical_gpus: int, logical_cpus: int | None) -> bool:
     if logical_cpus:
         kwargs["num_cpus"] = logical_cpus
     temp_dir = os.environ.get("RAY_TMPDIR") or tempfile.mkdtemp(prefix="gpu-serve-ray-")
-    ray.init(
-        _temp_dir=temp_dir,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        logging_level=logging.WARNING,
-        log_to_driver=os.environ.get("GPU_SERVE_LOG_TO_DRIVER", "1") == "1",
-        **kwargs,
-    )
+    ray.init(_temp_dir=temp_dir, **local_ray_options(), **kwargs)
     return True
+
+
+def local_ray_options() -> dict[str, Any]:
+    """`ray.init` options for a cluster we start. The dashboard stays on loopback: it can stop
+    jobs and actors, and the Serve API's keys do not protect it."""
+    return {
+        "include_dashboard": True,
+        "dashboard_host": "127.0.0.1",
+        "logging_level": logging.WARNING,
+        "log_to_driver": os.environ.get("GPU_SERVE_LOG_TO_DRIVER", "1") == "1",
+    }
 
 
 def run(args: argparse.Namespace) -> int:

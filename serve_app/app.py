@@ -17,6 +17,9 @@ FAMILY_DEPLOYMENTS = {
 
 __all__ = ["FAMILY_DEPLOYMENTS", "bind_model", "build_app", "deployment_name", "user_deployment"]
 
+#: Only the ingress checks keys: model replicas never get them.
+KEY_FIELDS: dict[str, Any] = {"http": {"api_keys", "admin_keys"}}
+
 
 def _deployment_class(family: str) -> Any:
     import importlib
@@ -70,7 +73,7 @@ def bind_model(model: ModelConfig, config: AppConfig) -> Any:
         graceful_shutdown_timeout_s=60,
         logging_config=serve_logging_config(),
         graceful_shutdown_wait_loop_s=1,
-    ).bind(model.model_dump(mode="json"), config.model_dump(mode="json"))
+    ).bind(model.model_dump(mode="json"), config.model_dump(mode="json", exclude=KEY_FIELDS))
 
 
 def _max_ongoing(model: ModelConfig) -> int:
@@ -83,11 +86,28 @@ def _max_ongoing(model: ModelConfig) -> int:
     return model.max_ongoing_requests
 
 
+def with_env_keys(config: AppConfig, environ: dict[str, str] | None = None) -> AppConfig:
+    """Add the keys in this process's GPU_SERVE_API_KEYS / GPU_SERVE_ADMIN_KEYS to the config, so
+    `serve run` with the variables set works on a cluster whose workers do not have them."""
+    import os
+
+    from serve_app.api.auth import ADMIN_KEYS_ENV, API_KEYS_ENV, split_keys
+
+    env = os.environ if environ is None else environ
+    api, admin = split_keys(env.get(API_KEYS_ENV)), split_keys(env.get(ADMIN_KEYS_ENV))
+    if not api and not admin:
+        return config
+    http = config.http.model_copy(
+        update={"api_keys": (*config.http.api_keys, *api), "admin_keys": (*config.http.admin_keys, *admin)}
+    )
+    return config.model_copy(update={"http": http})
+
+
 def build_app(args: dict[str, Any]) -> Any:
     """Validate the args (failing the deploy with the field and value named) and bind the graph."""
     from serve_app.ingress import Ingress
 
-    config = parse_app_config(args)
+    config = with_env_keys(parse_app_config(args))
     for m in config.models:  # every bad deployment path fails before anything is bound
         if m.family == PYTHON_FAMILY:
             user_deployment(m, config)

@@ -247,9 +247,35 @@ class RouterConfig(_Frozen):
 
 
 class HttpConfig(_Frozen):
-    max_upload_bytes: int = Field(25 * MiB, gt=0, description="Largest audio upload (OpenAI's limit is 25 MB).")
+    max_upload_bytes: int = Field(
+        25 * MiB, gt=0,
+        description="Largest upload (OpenAI's limit is 25 MB); any larger request body gets 413 before it is read.",
+    )
+    api_keys: tuple[str, ...] = Field(
+        (), repr=False,
+        description="Inference keys for /v1/* (plus GPU_SERVE_API_KEYS); none: inference is open.",
+    )
+    admin_keys: tuple[str, ...] = Field(
+        (), repr=False,
+        description="Admin keys for /gpu/* commands, /gpu/events and /mcp (plus GPU_SERVE_ADMIN_KEYS); "
+        "none: admin commands only from loopback.",
+    )
     num_cpus: float = Field(0.1, ge=0, description="Logical CPUs for the ingress replica.")
+    check_placement: bool = Field(
+        True,
+        description="Answer 503 at once for a model no live node can host (e.g. GPUs asked, none in the "
+        "cluster) instead of waiting for a replica. Turn off where the Ray autoscaler adds such nodes from zero.",
+    )
     num_replicas: int = Field(1, ge=1, description="Ingress replicas.")
+
+
+    @field_validator("api_keys", "admin_keys", mode="before")
+    @classmethod
+    def _comma_separated(cls, v: Any) -> Any:
+        """A string is a comma-separated list, as in the GPU_SERVE_*_KEYS variables."""
+        if isinstance(v, str):
+            return tuple(k.strip() for k in v.split(",") if k.strip())
+        return v
 
 
 class AppConfig(_Frozen):
@@ -284,7 +310,7 @@ def parse_app_config(args: dict[str, Any]) -> AppConfig:
         lines = []
         for err in exc.errors():
             loc = _format_loc(err["loc"], args)
-            value = err.get("input")
+            value = "(hidden)" if {"api_keys", "admin_keys"} & {str(p) for p in err["loc"]} else err.get("input")
             lines.append(f"  {loc}: {err['msg']} (got {value!r})")
         raise ConfigError("invalid gpu-serve config:\n" + "\n".join(lines)) from None
 

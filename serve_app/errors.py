@@ -7,6 +7,8 @@
     ├── CapacityError             (503 + Retry-After: no GPU room within the request timeout)
     │   └── QueueFull             (503 + Retry-After: too many requests waiting on an instance)
     ├── ModelLoadError            (503: the load or restore failed; the next request tries again)
+    ├── ModelUnschedulable        (503 + Retry-After: no node can host a replica of the model)
+    ├── ReplicaUnavailable        (503 + Retry-After: the replica died mid-request; Serve replaces it)
     └── RouterUnavailable         (503 + Retry-After: the router actor is restarting)
 
 Every message says what happened and what to do next.
@@ -98,6 +100,34 @@ class ModelLoadError(ServeError):
             "check the model's source and the replica logs if this persists."
         )
         self.model, self.stage = model, stage
+
+
+class ModelUnschedulable(ServeError):
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "model_unschedulable"
+
+    def __init__(self, model: str, reason: str) -> None:
+        super().__init__(f"model {model!r} cannot be scheduled: {reason}")
+        self.model = model
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "10"}
+
+
+class ReplicaUnavailable(ServeError):
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "replica_unavailable"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            f"the model replica serving this request stopped before answering ({detail}); Serve starts a "
+            "new one: retry in a few seconds"
+        )
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "2"}
 
 
 class RouterUnavailable(ServeError):

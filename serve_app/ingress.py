@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -9,18 +10,30 @@ from fastapi import FastAPI
 from ray import serve
 
 from serve_app.api import admin, custom, embeddings, models
-from serve_app.api.context import Context, set_context
+from serve_app.api.auth import AuthMiddleware, context_keys
+from serve_app.api.context import Context, get_context, set_context
 from serve_app.api.errors import install_error_handlers
+from serve_app.api.limits import BodyLimitMiddleware
 from serve_app.config import AppConfig
 
 logger = logging.getLogger("serve_app.ingress")
 
+#: How often the ingress re-checks that every model's replica can be placed (nodes come and go).
+PLACEMENT_CHECK_S = 2.0
 OPTIONAL_ROUTERS = ("serve_app.api.audio", "serve_app.api.chat")
+
+
+def upload_limit() -> int:
+    return get_context().config.http.max_upload_bytes
 
 
 def build_fastapi() -> FastAPI:
     app = FastAPI(title="gpu-serve", description="OpenAI-compatible multi-model serving with managed GPU memory.")
     install_error_handlers(app)
+    # Every route, mounted now or later (WebSocket, /mcp), passes the key rules first (the last
+    # middleware added is the outermost), then the body limits, before the route reads a byte.
+    app.add_middleware(BodyLimitMiddleware, limit=upload_limit)
+    app.add_middleware(AuthMiddleware, keys=context_keys)
     for module in (models, embeddings, admin, custom):
         app.include_router(module.router)
     import importlib
@@ -46,4 +59,20 @@ class Ingress:
         configure_logging()
         config = AppConfig.model_validate(app)
         router = get_or_create_router(config)
-        set_context(Context(config=config, handles=handles, router=router))
+        self.context = Context(config=config, handles=handles, router=router)
+        set_context(self.context)
+        self._placement = asyncio.get_running_loop().create_task(self._watch_placement())
+
+    async def _watch_placement(self) -> None:
+        """Keep `Context.unschedulable` current: nodes join and leave, so check every few seconds."""
+        from serve_app.cluster.placement import unschedulable_models
+
+        while True:
+            try:
+                found = await asyncio.to_thread(unschedulable_models, self.context.config)
+                for model_id in sorted(set(found) - set(self.context.unschedulable)):
+                    logger.warning("model %r cannot be scheduled: %s", model_id, found[model_id])
+                self.context.unschedulable = found
+            except Exception as exc:  # a GCS hiccup must not stop the watch
+                logger.warning("placement check failed: %s: %s", type(exc).__name__, exc)
+            await asyncio.sleep(PLACEMENT_CHECK_S)

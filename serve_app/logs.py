@@ -7,6 +7,7 @@ import logging
 import time
 
 from serve_app.config import Settings
+from serve_app.errors import ServeError
 
 _configured = False
 
@@ -24,6 +25,27 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload)
 
 
+class UserErrorFilter(logging.Filter):
+    """Turn Serve's "Request failed." traceback for a user error (a 4xx ServeError raised by a
+    replica method, e.g. undecodable audio) into one WARNING line: the client already got the
+    message, and a traceback per bad upload buries the real failures."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, ServeError) and exc.status_code < 500:
+            record.msg, record.args = "%s %d %s: %s", (record.getMessage(), exc.status_code, exc.code, exc.message)
+            record.exc_info = record.exc_text = record.stack_info = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def quiet_user_errors() -> None:
+    """Install `UserErrorFilter` on Serve's logger in this process (idempotent)."""
+    serve_logger = logging.getLogger("ray.serve")
+    if not any(isinstance(f, UserErrorFilter) for f in serve_logger.filters):
+        serve_logger.addFilter(UserErrorFilter())
+
+
 def serve_logging_config(settings: Settings | None = None) -> dict[str, object]:
     """Ray Serve's own logs (controller, proxy, replicas): JSON, at our level, access log off
     unless asked for, so a healthy service is quiet."""
@@ -38,6 +60,7 @@ def serve_logging_config(settings: Settings | None = None) -> dict[str, object]:
 def configure_logging(settings: Settings | None = None) -> None:
     """Attach one handler to the `serve_app` logger tree; idempotent per process."""
     global _configured
+    quiet_user_errors()
     if _configured:
         return
     settings = settings or Settings()

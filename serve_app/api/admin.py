@@ -4,19 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi import APIRouter, Body, Depends
+from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.api.context import Context, get_context
-from serve_app.api.errors import invalid_from_validation, json_body, unwrap
+from serve_app.api.errors import unwrap
 from serve_app.errors import InvalidRequest, RouterUnavailable
 
 router = APIRouter(prefix="/gpu")
 
 
 class ModelCommand(BaseModel):
+    """An admin command's target; every model when `model` is absent (where the command allows)."""
+
     model_config = ConfigDict(extra="forbid")
-    model: str | None = None
+    model: str | None = Field(None, description="A configured model id; absent: every model.")
 
 
 class TimeoutCommand(BaseModel):
@@ -24,22 +26,6 @@ class TimeoutCommand(BaseModel):
     model: str | None = None
     idle_timeout_s: float | None = Field(None, ge=0)
     release_timeout_s: float | None = Field(None, gt=0)
-
-
-def _parse(cls: type[BaseModel], body: Any) -> Any:
-    if body is None:
-        body = {}
-    if not isinstance(body, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    try:
-        return cls.model_validate(body)
-    except ValidationError as exc:
-        raise invalid_from_validation(exc) from None
-
-
-async def _body(request: Request) -> Any:
-    raw = await request.body()
-    return await json_body(request) if raw.strip() else {}
 
 
 async def call_router(ctx: Context, method: str, *args: Any) -> Any:
@@ -56,7 +42,12 @@ async def call_router(ctx: Context, method: str, *args: Any) -> Any:
 
 @router.get("/status")
 async def gpu_status(ctx: Context = Depends(get_context)) -> dict[str, Any]:
-    return await call_router(ctx, "status")
+    doc = await call_router(ctx, "status")
+    for row in doc.get("models", ()):
+        if row.get("model") in ctx.unschedulable and not row.get("replica"):
+            row["state"], row["reason"] = "unschedulable", ctx.unschedulable[row["model"]]
+    doc["unschedulable"] = dict(ctx.unschedulable)
+    return doc
 
 
 async def _command(ctx: Context, kind: str, model: str | None, params: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -67,24 +58,25 @@ async def _command(ctx: Context, kind: str, model: str | None, params: dict[str,
 
 
 @router.post("/offload")
-async def offload(request: Request, ctx: Context = Depends(get_context)) -> dict[str, Any]:
-    cmd = _parse(ModelCommand, await _body(request))
+async def offload(cmd: ModelCommand | None = Body(None), ctx: Context = Depends(get_context)) -> dict[str, Any]:
+    cmd = cmd or ModelCommand()
     return await _command(ctx, "offload", cmd.model)
 
 
 @router.post("/release")
-async def release(request: Request, ctx: Context = Depends(get_context)) -> dict[str, Any]:
-    cmd = _parse(ModelCommand, await _body(request))
+async def release(cmd: ModelCommand | None = Body(None), ctx: Context = Depends(get_context)) -> dict[str, Any]:
+    cmd = cmd or ModelCommand()
     return await _command(ctx, "release", cmd.model)
 
 
 @router.post("/load")
-async def load(request: Request, ctx: Context = Depends(get_context)) -> dict[str, Any]:
+async def load(cmd: ModelCommand | None = Body(None), ctx: Context = Depends(get_context)) -> dict[str, Any]:
     """Preheat every replica of the model; with none (scaled to zero), ask Serve for one."""
-    cmd = _parse(ModelCommand, await _body(request))
+    cmd = cmd or ModelCommand()
     if cmd.model is None:
         raise InvalidRequest("model is required for /gpu/load", param="model")
     ctx.model(cmd.model)
+    ctx.require_schedulable(cmd.model)  # else Serve would wait for a replica forever
     result = await _command(ctx, "load", cmd.model)
     if result["instances"]:
         return result
@@ -102,8 +94,8 @@ async def load(request: Request, ctx: Context = Depends(get_context)) -> dict[st
 
 
 @router.post("/timeout")
-async def set_timeout(request: Request, ctx: Context = Depends(get_context)) -> dict[str, Any]:
-    cmd = _parse(TimeoutCommand, await _body(request))
+async def set_timeout(cmd: TimeoutCommand | None = Body(None), ctx: Context = Depends(get_context)) -> dict[str, Any]:
+    cmd = cmd or TimeoutCommand()
     params = cmd.model_dump(exclude_none=True, exclude={"model"})
     if not params:
         raise InvalidRequest("give idle_timeout_s and/or release_timeout_s", param="idle_timeout_s")

@@ -19,10 +19,11 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -40,12 +41,34 @@ FORM_OVERHEAD_BYTES = 64 * 1024
 MiB = 1024**2
 
 
-@router.post("/v1/audio/transcriptions")
+class TranscriptionForm(BaseModel):
+    """The multipart form, declared for /openapi.json. The route parses the form itself (see
+    `read_form`), so the upload limit holds while the body streams in."""
+
+    file: bytes = Field(..., json_schema_extra={"format": "binary"}, description="The audio file.")
+    model: str = Field(..., description="A served speech model id.")
+    language: str | None = Field(None, description="ISO-639-1 code (transcriptions only).")
+    prompt: str | None = None
+    response_format: Literal["json", "text", "srt", "verbose_json", "vtt"] = "json"
+    temperature: float = Field(0.0, ge=0, le=1)
+    timestamp_granularities: list[Literal["segment", "word"]] | None = Field(
+        None, alias="timestamp_granularities[]", description="word needs verbose_json."
+    )
+    stream: bool = False
+
+
+def _form_body(model: type[BaseModel]) -> dict[str, Any]:
+    schema = model.model_json_schema(by_alias=True)
+    schema["properties"]["file"] = {"type": "string", "format": "binary", "description": "The audio file."}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+@router.post("/v1/audio/transcriptions", openapi_extra=_form_body(TranscriptionForm))
 async def create_transcription(request: Request, ctx: Context = Depends(get_context)) -> Response:
     return await _handle(request, ctx, task="transcribe")
 
 
-@router.post("/v1/audio/translations")
+@router.post("/v1/audio/translations", openapi_extra=_form_body(TranscriptionForm))
 async def create_translation(request: Request, ctx: Context = Depends(get_context)) -> Response:
     return await _handle(request, ctx, task="translate")
 

@@ -15,12 +15,12 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.api.context import Context, get_context
-from serve_app.api.errors import json_body, unwrap
+from serve_app.api.errors import unwrap
 from serve_app.errors import InvalidRequest, ServeError, error_body
 
 logger = logging.getLogger("serve_app.api.chat")
@@ -55,17 +55,6 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | list[Any] | None = None
     echo: bool | None = False
-
-
-def _parse(cls: type[_Sampling], body: Any) -> Any:
-    if not isinstance(body, dict):
-        raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
-    try:
-        return cls.model_validate(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise InvalidRequest(f"{param}: {first['msg']} (got {first.get('input')!r})", param=param) from None
 
 
 def sampling_params(req: _Sampling, max_tokens: int | None, max_tokens_param: str) -> dict[str, Any]:
@@ -197,8 +186,7 @@ def _stream_response(events: AsyncIterator[str]) -> StreamingResponse:
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(request: Request, ctx: Context = Depends(get_context)) -> Any:
-    req = _parse(ChatCompletionRequest, await json_body(request))
+async def chat_completions(req: ChatCompletionRequest, ctx: Context = Depends(get_context)) -> Any:
     model = ctx.model(req.model, family=FAMILY)
     max_tokens, param = req.max_tokens, "max_tokens"
     if req.max_completion_tokens is not None:
@@ -244,8 +232,7 @@ async def chat_completions(request: Request, ctx: Context = Depends(get_context)
 
 
 @router.post("/v1/completions", response_model=None)
-async def completions(request: Request, ctx: Context = Depends(get_context)) -> Any:
-    req = _parse(CompletionRequest, await json_body(request))
+async def completions(req: CompletionRequest, ctx: Context = Depends(get_context)) -> Any:
     model = ctx.model(req.model, family=FAMILY)
     params = sampling_params(req, req.max_tokens, "max_tokens")
     prompt = completion_prompt(req.prompt)

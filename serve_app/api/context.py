@@ -7,11 +7,11 @@ their process through the `get_context` dependency instead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from serve_app.config import AppConfig, ModelConfig
-from serve_app.errors import InvalidRequest, ModelNotFound
+from serve_app.errors import InvalidRequest, ModelNotFound, ModelUnschedulable
 
 
 @dataclass
@@ -19,8 +19,12 @@ class Context:
     config: AppConfig
     handles: dict[str, Any]
     router: Any = None
+    #: {model id: why no live node can host a replica}; refreshed by the ingress every few seconds.
+    unschedulable: dict[str, str] = field(default_factory=dict)
 
     def model(self, model_id: str | None, family: str | None = None) -> ModelConfig:
+        """The config of a served model; with `family` (a request to run it) also one Ray can place,
+        so a request for a model no node can host answers 503 at once instead of hanging."""
         if not model_id:
             raise InvalidRequest("you must provide a model parameter", param="model", code="missing_model")
         m = self.config.model(model_id)
@@ -34,7 +38,14 @@ class Context:
                 param="model",
                 code="model_not_supported",
             )
+        if family is not None:
+            self.require_schedulable(m.id)
         return m
+
+    def require_schedulable(self, model_id: str) -> None:
+        reason = self.unschedulable.get(model_id)
+        if reason is not None:
+            raise ModelUnschedulable(model_id, reason)
 
 
 _context: Context | None = None

@@ -6,45 +6,37 @@ import base64
 from typing import Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serve_app.api.context import Context, get_context
-from serve_app.api.errors import invalid_from_validation, json_body
 from serve_app.errors import InvalidRequest
 
 router = APIRouter()
 
 
 class EmbeddingsRequest(BaseModel):
+    """OpenAI's embeddings request. Unknown fields are accepted and ignored, as OpenAI's SDKs
+    may send fields this server does not use."""
+
     model_config = ConfigDict(extra="allow")
 
-    model: str = Field(..., min_length=1)
-    input: str | list[str]
+    model: str = Field(..., min_length=1, description="A served model id (GET /v1/models).")
+    input: str | list[str] = Field(..., description="Text, or a list of texts, to embed.")
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, gt=0)
+    dimensions: int | None = Field(None, gt=0, description="Truncate (and renormalise) to this many dimensions.")
     user: str | None = None
 
-
-def parse_request(body: Any) -> EmbeddingsRequest:
-    if not isinstance(body, dict):
-        raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
-    raw_input = body.get("input")
-    if (isinstance(raw_input, list) and raw_input and all(isinstance(x, int) for x in raw_input)) or (
-        isinstance(raw_input, list) and raw_input and all(isinstance(x, list) for x in raw_input)
-    ):
-        raise InvalidRequest(
-            "token-id input is not supported; send the text as a string or a list of strings", param="input"
-        )
-    try:
-        return EmbeddingsRequest.model_validate(body)
-    except ValidationError as exc:
-        raise invalid_from_validation(exc) from None
+    @field_validator("input", mode="before")
+    @classmethod
+    def _no_token_ids(cls, v: Any) -> Any:
+        if isinstance(v, list) and v and all(isinstance(x, int | list) and not isinstance(x, bool) for x in v):
+            raise ValueError("token-id input is not supported; send the text as a string or a list of strings")
+        return v
 
 
 @router.post("/v1/embeddings")
-async def create_embeddings(request: Request, ctx: Context = Depends(get_context)) -> dict[str, Any]:
-    req = parse_request(await json_body(request))
+async def create_embeddings(req: EmbeddingsRequest, ctx: Context = Depends(get_context)) -> dict[str, Any]:
     model = ctx.model(req.model, family="sentence-transformers")
     texts = [req.input] if isinstance(req.input, str) else list(req.input)
     if not texts:

@@ -47,7 +47,12 @@ async def health(ctx: Context = Depends(get_context)) -> dict[str, Any]:
             summary = {m: _summarise(states) for m, states in per_model.items()}
         except Exception:
             router_ok = False
-    return {"status": "ok", "router": "reachable" if router_ok else "unreachable", "models": summary}
+    for model_id in ctx.unschedulable:
+        summary[model_id] = "unschedulable"
+    return {
+        "status": "ok", "router": "reachable" if router_ok else "unreachable", "models": summary,
+        "unschedulable": dict(ctx.unschedulable),
+    }
 
 
 async def _await(ref: Any) -> Any:

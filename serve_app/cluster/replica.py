@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -75,7 +76,9 @@ class ModelReplica:
         return self.replica_status()
 
     def replica_status(self) -> dict[str, Any]:
-        return {**self.lifecycle.status(), "replica": self.link.replica_id, "node": self.link.node_id}
+        return {
+            **self.lifecycle.status(), "replica": self.link.replica_id, "node": self.link.node_id, "pid": os.getpid()
+        }
 
     def __del__(self) -> None:
         link = getattr(self, "link", None)

@@ -83,6 +83,8 @@ class Router:
             for m in self.config.models
         }
         self.readings = GpuReadings(rc.simulated_external_bytes)
+        #: A GPU reading older than this many probe intervals is flagged stale in /gpu/status.
+        self.stale_after_s = 3 * rc.probe_interval_s + 1.0
         self.registry = ReplicaRegistry(clock, self.readings.freed)
         self.pending: dict[str, _Pending] = {}
         #: Replica id -> until when it is held for a group admitted before its lease is taken.
@@ -421,7 +423,9 @@ class Router:
         instances = self._instances()
         resident = self.registry.resident_bytes()
         return {
-            "gpus": status_doc.gpu_rows(self.readings, resident, instances, self.limits, now),
+            "gpus": status_doc.gpu_rows(
+                self.readings, resident, instances, self.limits, now, stale_after_s=self.stale_after_s
+            ),
             "models": status_doc.model_rows(self.replicas, self.policies, self.config),
             "queue": status_doc.queue_rows(((p.load, p.reason) for p in self.pending.values()), now),
             "router": {"ticks": self.ticks, "uptime_s": round(now - self.started_at, 1)},

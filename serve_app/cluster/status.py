@@ -17,8 +17,11 @@ _TIMINGS = ("last_load_s", "last_restore_s", "last_offload_s", "last_release_s")
 
 
 def gpu_rows(
-    readings: GpuReadings, resident: Mapping[str, int], instances: list[InstanceView], limits: PolicyLimits, now: float
+    readings: GpuReadings, resident: Mapping[str, int], instances: list[InstanceView], limits: PolicyLimits, now: float,
+    stale_after_s: float | None = None,
 ) -> list[dict[str, Any]]:
+    """One row per GPU; `stale` when its last reading is older than `stale_after_s` (a probe that
+    died or lost the router: its numbers are then history, not the GPU's state)."""
     rows = []
     for g in readings.views(resident):
         reading = readings.gpus[g.uuid]
@@ -29,6 +32,7 @@ def gpu_rows(
                 "free_bytes": gpu_free_bytes(g, instances, limits),
                 "margin_bytes": margin_bytes(g, limits), "simulated": g.simulated,
                 "read_s_ago": round(now - reading.read_at, 3),
+                "stale": stale_after_s is not None and now - reading.read_at > stale_after_s,
                 # Per-process use as NVML reports it: our replicas and anything else on the GPU.
                 "processes": [{"pid": pid, "used_bytes": used} for pid, used in reading.processes],
             }
@@ -57,7 +61,7 @@ def model_rows(
                 "offload_after_use": policy.get("offload_after_use"),
                 "priority": policy.get("priority"), "pinned": policy.get("pinned"),
                 **{k: st.get(k) for k in _TIMINGS},
-                "last_error": st.get("last_error"),
+                "last_error": st.get("last_error"), "loads": st.get("loads"),
             }
         )
     for m in config.models:

@@ -93,6 +93,7 @@ class Lifecycle:
         self.reason = "created"
         self.last_error: str | None = None
         self.timings = _Timings()
+        self.loads = 0  # loads from disk started: N concurrent first requests must make exactly one
         self.footprint = Footprint()
         self._cond = asyncio.Condition()
         self._busy: str | None = None  # the transition running: "load", "restore", "offload", "release"
@@ -309,6 +310,7 @@ class Lifecycle:
 
     async def _run_load(self) -> None:
         self._transition(S.LOADING, "first request" if self.timings.last_load_s is None else "reload")
+        self.loads += 1
         logger.info("Loading model %r on %s.", self.model, self.device)
         start = time.perf_counter()
         try:
@@ -419,6 +421,7 @@ class Lifecycle:
             "last_offload_s": self.timings.last_offload_s,
             "last_release_s": self.timings.last_release_s,
             "last_error": self.last_error,
+            "loads": self.loads,
         }
 
 

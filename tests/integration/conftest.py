@@ -126,3 +126,22 @@ def deploy(serve_port: int) -> Callable[[dict[str, Any]], str]:
         return url
 
     return _deploy
+
+
+@pytest.fixture(scope="session")
+def hardened_lm_path(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from tests.textmodel import build_causal_lm_of_size
+
+    return build_causal_lm_of_size(tmp_path_factory.mktemp("hardened-lm") / "tiny-lm", 8 * 1024**2)
+
+
+@pytest.fixture(scope="session")
+def hardened_url(
+    deploy: Callable[[dict[str, Any]], str], hardened_lm_path: Any, tmp_path_factory: pytest.TempPathFactory
+) -> str:
+    """The app of `tests/integration/hardened.py`: keys set, every family, an unplaceable model and
+    one whose weights file is corrupt."""
+    from tests.integration.hardened import corrupt_copy, hardened_args
+
+    corrupt = corrupt_copy(tmp_path_factory.mktemp("corrupt") / "minilm")
+    return deploy(hardened_args(hardened_lm_path, corrupt))

@@ -72,3 +72,13 @@ def test_serve_back_pressure_is_a_503() -> None:
 
     resp = error_response(BackPressureError(num_queued_requests=10, max_queued_requests=10))
     assert resp.status_code == 503 and resp.headers["retry-after"] and body(resp)["code"] == "queue_full"
+
+
+def test_a_replica_lost_mid_request_is_a_retryable_503() -> None:
+    class ActorDiedError(Exception):  # Ray's class, matched by name (the api layer imports no Ray)
+        pass
+
+    r = error_response(ActorDiedError("The actor died unexpectedly before finishing this task.\nmore"))
+    body = json.loads(r.body)
+    assert r.status_code == 503 and r.headers["retry-after"] == "2"
+    assert body["error"]["code"] == "replica_unavailable" and "ActorDiedError" in body["error"]["message"]

@@ -124,3 +124,18 @@ async def test_policy_changes_reach_registered_replicas(clock: FakeClock) -> Non
     results = await pending
     assert results == [{"model": "a", "replica": "r1", "outcome": "policy updated", "state": "gpu"}]
     assert (await router.register(info("r9", "a")))["idle_timeout_s"] == 0  # new replicas get it too
+
+
+async def test_gpu_readings_show_their_age_and_go_stale(clock: FakeClock) -> None:
+    """A probe that died stops reporting: its last reading is flagged, not shown as current."""
+    router = Router(app(probe_interval_s=1.0), clock=clock, start_loops=False)
+    await router.report_gpus("node-1", [reading(100 * MiB)], 0)
+    clock.now += 2.0
+    (gpu,) = (await router.status())["gpus"]
+    assert gpu["read_s_ago"] == 2.0 and gpu["stale"] is False
+    clock.now += 3.0
+    (gpu,) = (await router.status())["gpus"]
+    assert gpu["read_s_ago"] == 5.0 and gpu["stale"] is True
+    await router.report_gpus("node-1", [reading(100 * MiB)], 0)  # the probe came back
+    (gpu,) = (await router.status())["gpus"]
+    assert gpu["read_s_ago"] == 0.0 and gpu["stale"] is False

