@@ -37,7 +37,17 @@ def split_custom_path(ctx: Context, rest: str) -> tuple[str, str]:
     raise ModelNotFound(first, ids)
 
 
-@router.api_route("/v1/custom/{rest:path}", methods=_METHODS)
+#: The body is whatever the user's own route declares; the schema says so rather than nothing.
+_ANY_BODY = {
+    "requestBody": {
+        "required": False,
+        "description": "Forwarded as is to the model's own route under /v1/custom/{model_id}/.",
+        "content": {"application/json": {"schema": {}}, "application/octet-stream": {"schema": {}}},
+    }
+}
+
+
+@router.api_route("/v1/custom/{rest:path}", methods=_METHODS, openapi_extra=_ANY_BODY)
 async def custom(rest: str, request: Request, ctx: Context = Depends(get_context)) -> Response:
     model_id, path = split_custom_path(ctx, rest)
     body = await request.body()

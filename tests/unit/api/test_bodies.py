@@ -46,6 +46,8 @@ def test_every_request_body_is_described_in_the_schema(c: TestClient) -> None:
     for path, op in posts.items():
         body = op.get("requestBody")
         assert body, f"POST {path} declares no body"
+        if path.startswith("/v1/custom/"):  # forwarded to a user's own route, which owns its shape
+            continue
         ((media, content),) = body["content"].items()
         schema = content["schema"]
         if "$ref" in schema:

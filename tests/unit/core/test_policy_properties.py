@@ -418,6 +418,14 @@ def _fits_somewhere(snap: Snapshot, ps: list[PendingLoad], to_place: list[Pendin
             need = sum(p.bytes_needed for p, u in zip(to_place, assignment, strict=True) if u == uuid)
             if need + fixed > g.total_bytes - margin(g.total_bytes, snap.limits):
                 ok = False
+            # `max_models_per_gpu` is a hard cap too: members placed here plus what must stay.
+            cap = snap.limits.max_models_per_gpu
+            staying = sum(
+                1 for i in snap.instances
+                if i.gpu == uuid and i.state in HOLDS_GPU and (i.pinned or ((i.model, i.replica) in keys))
+            )
+            if cap is not None and assignment.count(uuid) + staying > cap:
+                ok = False
         if ok:
             return True
     return False
