@@ -9,7 +9,7 @@ TEST_STAMP := $(VENV)/.installed-test
 SYSTEM_PACKAGES := espeak-ng sox
 PYTEST_ARGS ?=
 
-.PHONY: run test install install-test system-deps lint unit integration bench clean
+.PHONY: run test install install-test system-deps lint unit integration bench bench-peers bench-overhead clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,14 @@ integration: install-test
 
 bench: $(TEST_STAMP)
 	$(PY) bench/policy_decide.py
+
+# Side by side with infinity-emb and faster-whisper-server (installed once under .bench/venvs).
+bench-peers: install-test
+	$(PY) bench/peers.py
+
+# This service against a plain Serve deployment of the same model: the price of management.
+bench-overhead: install-test
+	$(PY) bench/overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
