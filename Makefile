@@ -9,7 +9,7 @@ TEST_STAMP := $(VENV)/.installed-test
 SYSTEM_PACKAGES := espeak-ng sox
 PYTEST_ARGS ?=
 
-.PHONY: run test install install-test system-deps lint unit integration bench k8s clean bench-gpu soak
+.PHONY: run test install install-test system-deps lint unit integration bench k8s clean bench-gpu soak bench-peers bench-overhead
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,14 @@ k8s: $(STAMP)
 # Needs a CUDA build of torch and an NVIDIA GPU; exits 2 without one, 1 when a target is missed.
 bench-gpu: $(TEST_STAMP)
 	$(PY) bench/gpu_tier.py
+
+# Side by side with infinity-emb and faster-whisper-server (installed once under .bench/venvs).
+bench-peers: install-test
+	$(PY) bench/peers.py
+
+# This service against a plain Serve deployment of the same model: the price of management.
+bench-overhead: install-test
+	$(PY) bench/overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -15,9 +15,12 @@ from serve_app.adapters.torch_module import TorchModuleAdapter
 from serve_app.cluster.replica import ModelReplica
 
 
-def load_sentence_transformer(path: str, device: str) -> Any:
+def load_sentence_transformer(path: str, device: str, cpu_threads: int | None = None) -> Any:
+    import torch
     from sentence_transformers import SentenceTransformer
 
+    if cpu_threads and not device.startswith("cuda"):
+        torch.set_num_threads(cpu_threads)
     return SentenceTransformer(path, device=device, local_files_only=not _is_hub_id(path))
 
 
@@ -35,15 +38,30 @@ class Embedder:
         self.batch_size = batch_size
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+        """Vectors and token counts, tokenizing each text once.
+
+        `SentenceTransformer.encode` tokenizes internally and does not return the counts, so
+        counting tokens meant a second tokenizer pass over every input. Here each chunk of
+        `batch_size` texts, sorted by length as `encode` does (less padding), is tokenized once
+        and run through the model's forward; the counts come from the attention mask.
+        """
+        import torch
+
         model = self.adapter.model
-        vectors = model.encode(
-            texts, batch_size=self.batch_size, convert_to_numpy=True, normalize_embeddings=False,
-            show_progress_bar=False,
-        ).astype(np.float32, copy=False)
-        tokenizer = model.tokenizer
-        max_len = getattr(model, "max_seq_length", None) or 512
-        ids = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_len)["input_ids"]
-        return vectors, [len(x) for x in ids]
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        vectors = np.empty((len(texts), model.get_sentence_embedding_dimension() or 0), dtype=np.float32)
+        tokens = [0] * len(texts)
+        with torch.inference_mode():
+            for start in range(0, len(texts), self.batch_size):
+                chunk = order[start : start + self.batch_size]
+                features = model.tokenize([texts[i] for i in chunk])
+                counts = features["attention_mask"].sum(dim=1).tolist()
+                features = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in features.items()}
+                out = model(features)["sentence_embedding"].float().cpu().numpy()
+                for row, i in enumerate(chunk):
+                    vectors[i] = out[row]
+                    tokens[i] = int(counts[row])
+        return vectors, tokens
 
 
 @serve.deployment
@@ -56,7 +74,10 @@ class EmbeddingsDeployment(ModelReplica):
 
     def make_adapter(self) -> TorchModuleAdapter:
         path = self.config.resolve_source()
-        return TorchModuleAdapter(lambda device: load_sentence_transformer(path, device), weights_path=path)
+        threads = self.cpu_threads
+        return TorchModuleAdapter(
+            lambda device: load_sentence_transformer(path, device, threads), weights_path=path
+        )
 
     async def embed(self, texts: list[str]) -> dict[str, Any]:
         """One request's texts; merged with concurrent requests by `embed_batch`."""

@@ -262,9 +262,11 @@ class WhisperDeployment(ModelReplica):
         self._job_s = 2.0  # moving average of one transcription's duration, for Retry-After
 
     def make_adapter(self) -> CTranslate2WhisperAdapter:
-        # cpu_threads=0: CTranslate2 follows OMP_NUM_THREADS, which Ray sets from the
-        # replica's num_cpus (at least 1), so a CPU replica uses the cores it reserved.
-        return CTranslate2WhisperAdapter(self.config.resolve_source(), self.config.compute_type)
+        # CTranslate2 would follow OMP_NUM_THREADS, which Ray sets to 1 for a replica with
+        # num_cpus below 2; `cpu_threads` gives it the cores (see `replica.cpu_threads`).
+        return CTranslate2WhisperAdapter(
+            self.config.resolve_source(), self.config.compute_type, cpu_threads=self.cpu_threads
+        )
 
     # --- called through the Serve handle ----------------------------------------------------
 

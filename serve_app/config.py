@@ -133,6 +133,11 @@ class ModelConfig(_Frozen):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="torch dtype; 'auto' is float16 on CUDA and float32 on CPU (transformers)."
     )
+    cpu_threads: int | None = Field(
+        None, ge=1,
+        description="Threads for inference on the CPU; default every core this replica may run on. Ray would "
+        "otherwise give a replica with num_cpus below 2 one thread (OMP_NUM_THREADS=1).",
+    )
     max_batch_size: int = Field(32, ge=1, description="Dynamic batching: most inputs in one forward pass.")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="Dynamic batching: wait this long to fill.")
     max_inputs: int = Field(2048, ge=1, description="Most inputs accepted in one embeddings request.")

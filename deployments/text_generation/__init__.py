@@ -50,9 +50,10 @@ class TextGenerationDeployment(ModelReplica):
         self.generator = Generator(self.adapter, self.config.max_new_tokens)
 
     def make_adapter(self) -> TorchModuleAdapter:
-        path, dtype = self.config.resolve_source(), self.config.dtype
+        path, dtype, threads = self.config.resolve_source(), self.config.dtype, self.cpu_threads
         return TorchModuleAdapter(
-            lambda device: load_causal_lm(path, device, dtype), weights_path=path, module_of=lambda lm: lm.model
+            lambda device: load_causal_lm(path, device, dtype, threads), weights_path=path,
+            module_of=lambda lm: lm.model,
         )
 
     async def generate(

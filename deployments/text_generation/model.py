@@ -38,9 +38,13 @@ def resolve_dtype(dtype: str, device: str) -> Any:
     return getattr(torch, dtype)
 
 
-def load_causal_lm(path: str, device: str, dtype: str = "auto") -> CausalLM:
+def load_causal_lm(path: str, device: str, dtype: str = "auto", cpu_threads: int | None = None) -> CausalLM:
+    import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if cpu_threads and not device.startswith("cuda"):
+        torch.set_num_threads(cpu_threads)
 
     local_only = Path(path).exists()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)

