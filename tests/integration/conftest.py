@@ -136,12 +136,16 @@ def hardened_lm_path(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 @pytest.fixture(scope="session")
-def hardened_url(
-    deploy: Callable[[dict[str, Any]], str], hardened_lm_path: Any, tmp_path_factory: pytest.TempPathFactory
-) -> str:
-    """The app of `tests/integration/hardened.py`: keys set, every family, an unplaceable model and
-    one whose weights file is corrupt."""
+def hardened_args_once(hardened_lm_path: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from tests.integration.hardened import corrupt_copy, hardened_args
 
     corrupt = corrupt_copy(tmp_path_factory.mktemp("corrupt") / "minilm")
-    return deploy(hardened_args(hardened_lm_path, corrupt))
+    return hardened_args(hardened_lm_path, corrupt)
+
+
+@pytest.fixture
+def hardened_url(deploy: Callable[[dict[str, Any]], str], hardened_args_once: dict[str, Any]) -> str:
+    """The app of `tests/integration/hardened.py`: keys set, every family, an unplaceable model and
+    one whose weights file is corrupt. Per test, since other modules deploy other apps in between;
+    `deploy` does nothing when this app is already the current one."""
+    return deploy(hardened_args_once)
