@@ -428,6 +428,7 @@ class GatedTranscriber:
         self.gate = threading.Semaphore(0)
         self.started = threading.Event()
         self.segments_done = 0
+        self.waits = 0  # how many times the worker has reached the gate
         self.saw_stop = False
 
     def precheck(self, options: TranscriptionOptions) -> None: ...
@@ -441,6 +442,7 @@ class GatedTranscriber:
             on_event("info", {"task": options.task, "language": "en", "duration": 1.0})
         segments = []
         for i in range(self.n):
+            self.waits += 1
             assert self.gate.acquire(timeout=60), "the test never opened the gate"
             seg = {"id": i, "text": f" s{i}", "start": float(i), "end": float(i + 1)}
             segments.append(seg)
@@ -543,6 +545,9 @@ async def test_abandoned_stream_keeps_the_lease_until_the_model_work_ends() -> N
     assert (await stream.__anext__())["type"] == "info"
     transcriber.gate.release()
     assert (await stream.__anext__())["type"] == "segment"
+    # Close only once the worker waits inside segment 1; closing earlier races its stop check
+    # after segment 0 (seen on a loaded CI machine: the worker stopped before the test looked).
+    await wait_for(lambda: transcriber.waits == 2)
     closing = asyncio.create_task(stream.aclose())  # the client went away
     await asyncio.sleep(0.05)
     assert not closing.done() and replica.lifecycle.in_flight == 1  # the thread still runs
