@@ -47,7 +47,6 @@ _ANY_BODY = {
 }
 
 
-@router.api_route("/v1/custom/{rest:path}", methods=_METHODS, openapi_extra=_ANY_BODY)
 async def custom(rest: str, request: Request, ctx: Context = Depends(get_context)) -> Response:
     model_id, path = split_custom_path(ctx, rest)
     body = await request.body()
@@ -67,3 +66,12 @@ async def custom(rest: str, request: Request, ctx: Context = Depends(get_context
         raise unwrap(exc) from None
     headers = {k: v for k, v in out["headers"] if k.lower() not in ("content-length", "transfer-encoding")}
     return Response(content=out["body"], status_code=out["status"], headers=headers)
+
+
+# One route per method, each with its own operation id: one multi-method route gives every
+# method the same id, which FastAPI warns about and OpenAPI clients reject.
+for _method in _METHODS:
+    router.add_api_route(
+        "/v1/custom/{rest:path}", custom, methods=[_method], operation_id=f"custom_{_method.lower()}",
+        openapi_extra=_ANY_BODY,
+    )

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -87,25 +85,3 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _any(_: Request, exc: Exception) -> JSONResponse:
         return error_response(exc)
-
-
-async def json_body(request: Request) -> Any:
-    """Parse the body as JSON, answering 400 (not 422 or 500) when it is not JSON."""
-    from serve_app.errors import InvalidRequest
-
-    raw = await request.body()
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"malformed JSON body: {exc}; send a JSON object", code="invalid_json") from None
-
-
-def invalid_from_validation(exc: Any) -> Any:
-    """A pydantic ValidationError as a 400 naming the top-level field (OpenAI's `param`)."""
-    from serve_app.errors import InvalidRequest
-
-    first = exc.errors()[0]
-    loc = [str(p) for p in first.get("loc", ())]
-    param = loc[0] if loc else None
-    where = ".".join(loc) or "body"
-    return InvalidRequest(f"{where}: {first['msg']} (got {first.get('input')!r})", param=param)
