@@ -12,16 +12,16 @@ import io
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from serve_app.cluster.probes import NvmlProbe
 from tests.gpu.tier import (
     CYCLES,
+    DEVICE,
+    GPU_ONLY,
     MIN_MODEL_BYTES,
     OFFLOAD_DROP,
     RELEASE_SLACK_BYTES,
@@ -32,24 +32,12 @@ from tests.gpu.tier import (
     nvml_used,
 )
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not NvmlProbe.available(), reason="NVML unavailable (no NVIDIA driver or GPU)"),
-]
-
-DEVICE = "cuda:0"
+pytestmark = GPU_ONLY
 
 
 @pytest.fixture(scope="module")
 def big_whisper(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(build_whisper_ct2(tmp_path_factory.mktemp("whisper")))
-
-
-@pytest.fixture
-def run() -> Iterator[Loop]:
-    loop = Loop()
-    yield loop
-    loop.close()
 
 
 def encoder_and_tokens(adapter: Any) -> tuple[np.ndarray, list[list[int]]]:

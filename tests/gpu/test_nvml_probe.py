@@ -13,11 +13,9 @@ import sys
 import pytest
 
 from serve_app.cluster.probes import NvmlProbe, pick_probe
+from tests.gpu.tier import GPU_ONLY
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not NvmlProbe.available(), reason="NVML unavailable (no NVIDIA driver or GPU)"),
-]
+pytestmark = GPU_ONLY
 
 
 def test_readings_are_consistent() -> None:

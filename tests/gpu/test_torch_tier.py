@@ -10,15 +10,16 @@ loads kernels and its context lazily and never unloads them, which no release ca
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
 
-from serve_app.cluster.probes import NvmlProbe
 from tests.gpu.tier import (
     CYCLES,
+    DEVICE,
+    GPU_ONLY,
     MIN_MODEL_BYTES,
     OFFLOAD_DROP,
     RELEASE_SLACK_BYTES,
@@ -31,12 +32,7 @@ from tests.gpu.tier import (
     nvml_used,
 )
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not NvmlProbe.available(), reason="NVML unavailable (no NVIDIA driver or GPU)"),
-]
-
-DEVICE = "cuda:0"
+pytestmark = GPU_ONLY
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,13 +51,6 @@ def gpt2_path(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="module")
 def st_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(build_sentence_transformer(tmp_path_factory.mktemp("bert")))
-
-
-@pytest.fixture
-def run() -> Iterator[Loop]:
-    loop = Loop()
-    yield loop
-    loop.close()
 
 
 class Family:

@@ -14,6 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
+
+from serve_app.cluster.probes import NvmlProbe
+
 MiB = 1024**2
 T = TypeVar("T")
 
@@ -24,6 +28,13 @@ RELEASE_SLACK_BYTES = 64 * MiB
 #: After an offload, used memory drops by at least this share of the weights.
 OFFLOAD_DROP = 0.90
 CYCLES = 5
+DEVICE = "cuda:0"
+
+#: Every GPU test module's `pytestmark`: marked `gpu`, and skipped where NVML cannot run.
+GPU_ONLY = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not NvmlProbe.available(), reason="NVML unavailable (no NVIDIA driver or GPU)"),
+]
 
 
 def cuda0_uuid() -> str:

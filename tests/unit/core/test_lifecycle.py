@@ -392,42 +392,32 @@ async def test_request_arriving_while_an_offload_is_queued_cancels_it(lc: Lifecy
     assert lc.state is S.GPU and adapter.calls == ["load"]
 
 
-async def test_request_arriving_during_offloading_waits_then_restores(lc: Lifecycle, adapter: FakeAdapter) -> None:
+@pytest.mark.parametrize(
+    ("move", "step", "moving", "outcome", "calls"),
+    [
+        ("offload", "to_cpu", S.OFFLOADING, "offloaded: cpu", ["load", "to_cpu", "to_gpu"]),
+        ("release", "release", S.RELEASING, "released", ["load", "release", "load"]),
+    ],
+)
+async def test_request_arriving_during_a_move_waits_then_gets_the_model_back(
+    lc: Lifecycle, adapter: FakeAdapter, move: str, step: str, moving: S, outcome: str, calls: list[str]
+) -> None:
     await serve(lc)
-    gate = adapter.block("to_cpu")
-    offload = asyncio.create_task(lc.offload("test"))
-    await inside(adapter, "to_cpu")
-    assert lc.state is S.OFFLOADING
+    gate = adapter.block(step)
+    task = asyncio.create_task(getattr(lc, move)("test"))
+    await inside(adapter, step)
+    assert lc.state is moving
 
     request = Request(lc)
     await settle()
     assert not request.inside.is_set() and lc.status()["waiting"] == 1
 
     gate.set()
-    assert await asyncio.wait_for(offload, TIMEOUT_S) == "offloaded: cpu"
+    assert await asyncio.wait_for(task, TIMEOUT_S) == outcome
     await request.entered()
     await request.finish()
     assert request.seen == [S.GPU, S.GPU]
-    assert adapter.calls == ["load", "to_cpu", "to_gpu"]
-
-
-async def test_request_arriving_during_releasing_waits_then_reloads(lc: Lifecycle, adapter: FakeAdapter) -> None:
-    await serve(lc)
-    gate = adapter.block("release")
-    release = asyncio.create_task(lc.release("test"))
-    await inside(adapter, "release")
-    assert lc.state is S.RELEASING
-
-    request = Request(lc)
-    await settle()
-    assert not request.inside.is_set()
-
-    gate.set()
-    assert await asyncio.wait_for(release, TIMEOUT_S) == "released"
-    await request.entered()
-    await request.finish()
-    assert request.seen == [S.GPU, S.GPU]
-    assert adapter.calls == ["load", "release", "load"]
+    assert adapter.calls == calls
 
 
 async def test_request_arriving_while_a_release_is_queued_waits_then_reloads(
