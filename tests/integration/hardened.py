@@ -70,3 +70,25 @@ def status(url: str, key: str = API_KEY) -> dict[str, Any]:
     r = httpx.get(f"{url}/gpu/status", headers={"Authorization": f"Bearer {key}"}, timeout=30)
     assert r.status_code == 200, r.text
     return r.json()
+
+
+def ingress_pid() -> int | None:
+    """The pid of this cluster's ingress replica (every request passes through it; chaos never
+    kills it). Matched by title and by this session's RAY_TMPDIR: other Ray clusters may run on
+    the same machine with the same process titles."""
+    import os
+
+    ours = f"RAY_TMPDIR={os.environ['RAY_TMPDIR']}".encode()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if b"ServeReplica:gpu-serve:Ingress" not in fh.read():
+                    continue
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                if ours in fh.read().split(b"\0"):
+                    return int(pid)
+        except OSError:
+            continue
+    return None

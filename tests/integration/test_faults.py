@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -229,12 +230,16 @@ def test_load_offload_restore_release_cycles_return_memory(hardened_url: str) ->
     handle = serve.get_deployment_handle("model-" + EMB, app_name="gpu-serve")
     pid = handle.replica_status.remote().result()["pid"]
 
+    step_s: Counter[str] = Counter()
+
     def cycle() -> None:
         for step in ("offload", "restore", "release", "load"):
+            t0 = time.monotonic()
             if step in ("offload", "release"):
                 assert admin(url, step, {"model": EMB}).status_code == 200
             else:
                 client.embeddings.create(model=EMB, input=f"cycle {step}")
+            step_s[step] += time.monotonic() - t0
 
     for _ in range(3):  # warm up allocator pools before the baseline
         cycle()
@@ -245,7 +250,8 @@ def test_load_offload_restore_release_cycles_return_memory(hardened_url: str) ->
     after = _rss_bytes(pid)
     assert handle.replica_status.remote().result()["pid"] == pid, "the replica was replaced mid-test"
     print(f"\n[faults] {CYCLES} load/offload/restore/release cycles in {time.monotonic() - start:.0f}s: "
-          f"replica RSS {before / MiB:.0f} -> {after / MiB:.0f} MiB")
+          f"replica RSS {before / MiB:.0f} -> {after / MiB:.0f} MiB (tolerance 64 MiB); mean step "
+          f"{ {k: round(v / (CYCLES + 3), 3) for k, v in step_s.items()} } s")
     assert after - before < 64 * MiB, (before, after)
 
 
