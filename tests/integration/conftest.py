@@ -179,3 +179,16 @@ def hardened_url(deploy: Callable[..., str], hardened_args_once: dict[str, Any])
     other modules deploy other apps in between; `deploy` does nothing when this app is already
     the current one. Deployed from a Serve config, so the soak can change its scale in place."""
     return deploy(hardened_args_once, declarative=True)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the tests on the hardened app (security, faults, fuzz, soak) back to back, where the
+    first of them would run. In file order another module (test_router) ran between them, and
+    its deploy replaced the hardened app, which was then deployed again with every replica
+    cold-started: about 25 s of deploy plus the models' first loads, for nothing."""
+    hardened = [item for item in items if "hardened_url" in getattr(item, "fixturenames", ())]
+    if not hardened:
+        return
+    first = items.index(hardened[0])
+    others = [item for item in items if "hardened_url" not in getattr(item, "fixturenames", ())]
+    items[:] = [*others[:first], *hardened, *others[first:]]

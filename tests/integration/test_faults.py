@@ -100,10 +100,10 @@ def test_parallel_first_requests_make_exactly_one_load(hardened_url: str) -> Non
     assert row["loads"] - loads_before == 1, row
 
 
-def _speech(path: Path) -> bytes:
+def _speech(path: Path, repeat: int = 6) -> bytes:
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng is not installed (apt-get install -y espeak-ng)")
-    text = " ".join(["The quarterly report goes to the finance team by Friday morning."] * 6)
+    text = " ".join(["The quarterly report goes to the finance team by Friday morning."] * repeat)
     subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(path), text], check=True)
     return path.read_bytes()
 
@@ -112,9 +112,10 @@ def test_replica_killed_mid_request_answers_cleanly(hardened_url: str, tmp_path:
     import ray
 
     url = hardened_url
-    audio = _speech(tmp_path / "long.wav")
+    audio = _speech(tmp_path / "long.wav")  # long enough (about 25 s of speech) to be killed in flight
+    short = _speech(tmp_path / "short.wav", repeat=1)  # for the requests around it
     client = sdk(url, timeout=120)
-    client.audio.transcriptions.create(model=WHISPER, file=("warm.wav", audio))  # loaded, so the next one runs
+    client.audio.transcriptions.create(model=WHISPER, file=("warm.wav", short))  # loaded, so the next one runs
     outcome: dict[str, Any] = {}
 
     def request() -> None:
@@ -140,7 +141,7 @@ def test_replica_killed_mid_request_answers_cleanly(hardened_url: str, tmp_path:
         assert outcome["text"], outcome
     print(f"\n[faults] replica killed mid-request: {outcome.get('status', 200)} after {outcome['elapsed']:.1f}s")
     # Serve replaces the replica; the next request is served.
-    wait_for(lambda: _transcribes(client, audio), timeout=120, what="a new replica to serve")
+    wait_for(lambda: _transcribes(client, short), timeout=120, what="a new replica to serve")
 
 
 def _transcribes(client: openai.OpenAI, audio: bytes) -> bool:

@@ -11,6 +11,7 @@ Short form in the default suite (`GPU_SERVE_SOAK_REQUESTS`, default 1,000, withi
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import shutil
@@ -36,10 +37,10 @@ BUDGET_S = float(os.environ.get("GPU_SERVE_SOAK_S", "150"))
 CLIENTS = 8
 SENTENCE = "Please send the quarterly report to the finance team by Friday."
 MiB = 1024**2
-#: (min_replicas, max_replicas) a scale change picks from; (0, 1) is the hardened app's own.
-SCALES = ((1, 2), (2, 2), (0, 1))
-#: Seconds between scale changes: each new replica costs a process start and a model load.
-SCALE_EVERY_S = 10.0
+#: (min_replicas, max_replicas) of a scaled-up model; (0, 1) is the hardened app's own.
+SCALE_UP = (2, 2)
+#: Seconds between scale changes (up, then back down): a new replica costs a process start and a load.
+SCALE_EVERY_S = 12.0
 
 
 def scale_overrides(model: str, bounds: tuple[int, int]) -> list[dict[str, Any]]:
@@ -74,7 +75,7 @@ class Soak:
         self.deadline = time.monotonic() + BUDGET_S
         self.chaos: Counter[str] = Counter()
         self.scales: list[str] = []
-        #: Most live replicas of one model the router listed at once (scale changes show here).
+        #: Most RUNNING replicas of one model at once, as Serve counts them (scale changes show here).
         self.most_replicas = 1
 
     def take(self) -> int | None:
@@ -150,23 +151,33 @@ class Soak:
         from serve_app.cluster.router import ROUTER_NAME
 
         rng = random.Random(13)
-        last_kill = last_scale = 0.0
+        last_kill, last_scale = 0.0, time.monotonic()
+        kills = itertools.cycle(["kill_replica", "kill_router", "kill_probe"])  # each kind, in turn
         models = (EMB, LM, WHISPER)
+        scaled: str | None = None
         while not self.stop.wait(rng.uniform(0.8, 1.6)):
-            action = rng.choice(
-                ["offload", "release", "load", "timeout", "external", "kill_replica", "kill_router", "kill_probe",
-                 "scale"]
-            )
+            action = rng.choice(["offload", "release", "load", "timeout", "external", "kill"])
+            if time.monotonic() - last_scale >= SCALE_EVERY_S:
+                action = "scale"
+            elif action == "kill":
+                if time.monotonic() - last_kill < 8.0:
+                    continue  # one kill at a time: each needs seconds to come back
+                action = next(kills)
             try:
                 if action in ("offload", "release", "load", "scale"):
                     self._count_replicas(models)
                 if action == "scale":
-                    if time.monotonic() - last_scale < SCALE_EVERY_S:
-                        continue
-                    model, bounds = rng.choice(models), rng.choice(SCALES)
-                    apply_serve_config(self.args, scale_overrides(model, bounds))
-                    self.scales.append(f"{model} {bounds[0]}..{bounds[1]}")
+                    # Up: one model to two replicas (Serve starts one more while traffic runs);
+                    # down: back to the app's own bounds (Serve stops one, draining its requests).
                     last_scale = time.monotonic()
+                    if scaled is None:
+                        scaled = rng.choice(models)
+                        apply_serve_config(self.args, scale_overrides(scaled, SCALE_UP))
+                        self.scales.append(f"{scaled} up to {SCALE_UP[0]}..{SCALE_UP[1]}")
+                    else:
+                        apply_serve_config(self.args)
+                        self.scales.append(f"{scaled} back to 0..1")
+                        scaled = None
                 elif action in ("offload", "release", "load"):
                     admin(self.url, action, {"model": rng.choice(models)})
                 elif action == "timeout":
@@ -175,8 +186,6 @@ class Soak:
                     router = ray.get_actor(ROUTER_NAME, namespace=NAMESPACE)
                     for gpu in status(self.url)["gpus"]:
                         ray.get(router.simulate_external.remote(gpu["uuid"], rng.choice([0, 0, 512 * MiB])))
-                elif time.monotonic() - last_kill < 8.0:
-                    continue  # one kill at a time: each needs seconds to come back
                 elif action == "kill_replica":
                     rows = [m for m in status(self.url)["models"] if m["replica"] and m["model"] in models]
                     if rows:
@@ -194,12 +203,18 @@ class Soak:
                 self.chaos[f"{action} (refused: {type(exc).__name__})"] += 1
 
     def _count_replicas(self, models: tuple[str, ...]) -> None:
+        """Serve's own count of RUNNING replicas per model (not the router's rows: a killed
+        replica's row lingers for replica_timeout_s beside its replacement)."""
+        from ray import serve
+
         try:
-            rows = [m for m in status(self.url)["models"] if m["replica"] and m["model"] in models]
-        except AssertionError:  # the router is restarting: no reading this time
+            deployments = serve.status().applications["gpu-serve"].deployments
+        except Exception:  # the controller is busy applying a config: no reading this time
             return
         for model in models:
-            self.most_replicas = max(self.most_replicas, sum(r["model"] == model for r in rows))
+            info = deployments.get(f"model-{model}")
+            running = info.replica_states.get("RUNNING", 0) if info is not None else 0
+            self.most_replicas = max(self.most_replicas, running)
 
 
 @pytest.fixture(scope="module")
@@ -288,4 +303,4 @@ def test_soak_under_chaos_loses_nothing(hardened_url: str, hardened_args_once: d
     assert rss_after - rss_before < 100 * MiB, (rss_before, rss_after)
     kills = sum(v for k, v in soak.chaos.items() if k.startswith("kill_") and "refused" not in k)
     assert kills >= 1 and soak.chaos["offload"] + soak.chaos["release"] >= 1, soak.chaos
-    assert soak.chaos["scale"] >= 1, soak.chaos
+    assert soak.chaos["scale"] >= 1 and soak.most_replicas >= 2, (soak.chaos, soak.scales, soak.most_replicas)
