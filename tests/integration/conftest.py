@@ -94,26 +94,39 @@ def _kill_named_actors(namespace: str) -> None:
                 ray.kill(ray.get_actor(info["name"], namespace=namespace))
 
 
-def serve_config(args: dict[str, Any], deployments: list[dict[str, Any]] | None = None) -> Any:
-    """The app as a Serve config (what `serve deploy serve_config.yaml` sends), with optional
-    per-deployment overrides such as `autoscaling_config`."""
+def serve_config(args: dict[str, Any], autoscaling: dict[str, dict[str, Any]] | None = None) -> Any:
+    """The app as a Serve config (what `serve deploy serve_config.yaml` sends).
+
+    It names every model deployment with its `autoscaling_config`: the model's own, or the one
+    given in `autoscaling` (by model id). Always the same list, because Serve hashes the list of
+    the deployments' autoscaling policies into the app's code version: a config naming no
+    deployment and one naming some got different versions, and switching between them rolled
+    out every replica, the ingress too (16 of 635 soak requests then failed with a bare 500).
+    """
     from ray.serve.schema import ServeDeploySchema
 
-    app: dict[str, Any] = {
-        "name": APP_NAME, "route_prefix": "/", "import_path": "serve_app.app:build_app", "args": args
+    from serve_app.app import deployment_name
+    from serve_app.config import AppConfig
+
+    overrides = autoscaling or {}
+    deployments = [
+        {"name": deployment_name(m.id), "autoscaling_config": overrides.get(m.id, m.autoscaling.to_serve())}
+        for m in AppConfig.model_validate(args).models
+    ]
+    app = {
+        "name": APP_NAME, "route_prefix": "/", "import_path": "serve_app.app:build_app", "args": args,
+        "deployments": deployments,
     }
-    if deployments:
-        app["deployments"] = deployments
     return ServeDeploySchema(applications=[app])
 
 
-def apply_serve_config(args: dict[str, Any], deployments: list[dict[str, Any]] | None = None) -> None:
-    """Apply the config declaratively, as `serve deploy` does. Changing only deployment options
-    (replica counts, autoscaling bounds) updates the running app in place: Serve keeps the
-    replicas it has and only adds or stops some (measured: the loaded replica kept its id)."""
+def apply_serve_config(args: dict[str, Any], autoscaling: dict[str, dict[str, Any]] | None = None) -> None:
+    """Apply the config declaratively, as `serve deploy` does. With the code version unchanged
+    (see `serve_config`), new autoscaling bounds update the running app in place: Serve keeps
+    the replicas it has and only starts or stops some."""
     from ray.serve.context import _get_global_client
 
-    _get_global_client().deploy_apps(serve_config(args, deployments))
+    _get_global_client().deploy_apps(serve_config(args, autoscaling))
 
 
 @pytest.fixture(scope="session")

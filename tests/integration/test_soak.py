@@ -40,15 +40,15 @@ MiB = 1024**2
 #: (min_replicas, max_replicas) of a scaled-up model; (0, 1) is the hardened app's own.
 SCALE_UP = (2, 2)
 #: Seconds between scale changes (up, then back down): a new replica costs a process start and a load.
-SCALE_EVERY_S = 12.0
+SCALE_EVERY_S = 20.0
 
 
-def scale_overrides(model: str, bounds: tuple[int, int]) -> list[dict[str, Any]]:
-    """Serve config overrides giving one model's deployment these autoscaling bounds; the other
-    deployments keep their own (so at most one model runs extra replicas at a time)."""
-    low, high = bounds
-    auto = {**fast_autoscaling(max_replicas=high), "min_replicas": low}
-    return [{"name": f"model-{model}", "autoscaling_config": auto}]
+def scaled_up(model: str) -> dict[str, dict[str, Any]]:
+    """Autoscaling bounds giving one model SCALE_UP replicas; the others keep their own (so at
+    most one model runs extra replicas at a time)."""
+    low, high = SCALE_UP
+    auto = {**fast_autoscaling(max_replicas=high), "min_replicas": low, "initial_replicas": low}
+    return {model: auto}
 
 
 def _ingress_rss() -> int:
@@ -172,7 +172,7 @@ class Soak:
                     last_scale = time.monotonic()
                     if scaled is None:
                         scaled = rng.choice(models)
-                        apply_serve_config(self.args, scale_overrides(scaled, SCALE_UP))
+                        apply_serve_config(self.args, scaled_up(scaled))
                         self.scales.append(f"{scaled} up to {SCALE_UP[0]}..{SCALE_UP[1]}")
                     else:
                         apply_serve_config(self.args)
@@ -240,7 +240,7 @@ def test_soak_under_chaos_loses_nothing(hardened_url: str, hardened_args_once: d
     for kind in ("embeddings", "completions", "transcriptions"):
         r = soak.call(warm, kind, 0)
         assert r.status_code == 200, r.text
-    rss_before = _ingress_rss()
+    rss_before, ingress_before = _ingress_rss(), ingress_pid()
     assert rss_before > 0, "the ingress process was not found"
     chaos = threading.Thread(target=soak.chaos_loop, daemon=True)
     clients = [threading.Thread(target=soak.client) for _ in range(CLIENTS)]
@@ -304,3 +304,5 @@ def test_soak_under_chaos_loses_nothing(hardened_url: str, hardened_args_once: d
     kills = sum(v for k, v in soak.chaos.items() if k.startswith("kill_") and "refused" not in k)
     assert kills >= 1 and soak.chaos["offload"] + soak.chaos["release"] >= 1, soak.chaos
     assert soak.chaos["scale"] >= 1 and soak.most_replicas >= 2, (soak.chaos, soak.scales, soak.most_replicas)
+    # The scale changes updated the app in place: the ingress was never replaced (a rollout would).
+    assert ingress_pid() == ingress_before, "the ingress replica was replaced: a scale change rolled out the app"
