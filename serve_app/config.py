@@ -22,6 +22,8 @@ Family = Literal["sentence-transformers", "faster-whisper", "transformers-causal
 FAMILIES: tuple[str, ...] = ("sentence-transformers", "faster-whisper", "transformers-causal-lm", "python")
 #: The family of a user's own deployment (a `serve_app.ManagedModel` subclass named by `deployment`).
 PYTHON_FAMILY = "python"
+#: Families whose weights load through the torch adapter (serve_app/adapters/torch_module.py).
+TORCH_FAMILIES: tuple[str, ...] = ("sentence-transformers", "transformers-causal-lm")
 
 PositiveSeconds = Annotated[float, Field(ge=0)]
 GiB = 1024**3
@@ -143,6 +145,11 @@ class ModelConfig(_Frozen):
     max_inputs: int = Field(2048, ge=1, description="Most inputs accepted in one embeddings request.")
     max_queue: int = Field(16, ge=0, description="Requests waiting for a busy instance before 503 (speech).")
     max_new_tokens: int = Field(512, ge=1, description="Cap on generated tokens per request (text).")
+    fault_oom_at_bytes: int | None = Field(
+        None, ge=1,
+        description="Fault injection, for tests: a load raises a simulated out-of-memory once it has allocated "
+        "this many bytes (torch families). Off (null) by default.",
+    )
 
     @field_validator("family")
     @classmethod
@@ -159,6 +166,16 @@ class ModelConfig(_Frozen):
             return v
         if not 0 < v <= 1:
             raise ValueError(f"num_gpus must be in (0, 1], got {v!r}")
+        return v
+
+    @field_validator("fault_oom_at_bytes")
+    @classmethod
+    def _torch_fault(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and info.data.get("family") not in TORCH_FAMILIES:
+            raise ValueError(
+                f"fault_oom_at_bytes is honoured by the torch families ({', '.join(TORCH_FAMILIES)}) only, "
+                f"not {info.data.get('family')!r}"
+            )
         return v
 
     @field_validator("source")

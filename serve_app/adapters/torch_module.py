@@ -45,6 +45,7 @@ standing in for device memory, which is how the move logic is tested where no GP
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import traceback
@@ -344,8 +345,13 @@ class TorchModuleAdapter:
         weights_path: str | None = None,
         module_of: Callable[[Any], Any] = lambda obj: obj,
         flat_moves_on_cpu: bool = False,
+        oom_at_bytes: int | None = None,
     ) -> None:
         self._loader = loader
+        #: Fault injection (a model's `fault_oom_at_bytes`): a load raises a simulated
+        #: out-of-memory once it has allocated this many bytes (serve_app/adapters/faults.py).
+        self.oom_at_bytes = oom_at_bytes
+        self._fault_ledger: Any = None
         self._module_of = module_of
         self._weights_path = weights_path
         self._flat_moves_on_cpu = flat_moves_on_cpu
@@ -357,17 +363,37 @@ class TorchModuleAdapter:
         self._device_flat: Any = None
         self._stream: Any = None
 
+    @property
+    def last_load_fault(self) -> dict[str, Any] | None:
+        """After a load failed with `oom_at_bytes` armed: what it allocated, and how much of
+        that is still alive now (`held_bytes`, read at each call)."""
+        return None if self._fault_ledger is None else self._fault_ledger.report()
+
     # --- the ModelAdapter interface --------------------------------------------------------
 
     def load(self, device: str) -> None:
         self.device = device
         quiet_progress_bars()
-        try:
-            self.model = self._loader(device)
-            check_movable(self.model, self._module_of(self.model), device)
-        except BaseException:
-            self.release()
-            raise
+        with contextlib.ExitStack() as stack:
+            ledger = None
+            if self.oom_at_bytes is not None:
+                from serve_app.adapters.faults import allocation_budget
+
+                ledger = stack.enter_context(allocation_budget(self.oom_at_bytes))
+            try:
+                self.model = self._loader(device)
+                check_movable(self.model, self._module_of(self.model), device)
+            except BaseException as exc:
+                # The loader's frames (and so the half-built model and every tensor it had
+                # allocated) hang off the traceback, which the lifecycle keeps as the failed
+                # attempt's error until the next try: clear them before releasing, or a failed
+                # load holds what it allocated.
+                traceback.clear_frames(exc.__traceback__)
+                self.release()
+                if ledger is not None:
+                    self._fault_ledger = ledger
+                    logger.warning("Fault injection: load failed; %s", ledger.report())
+                raise
         self._on_device = True
 
     def to_cpu(self) -> None:

@@ -35,6 +35,8 @@ class ModelReplica:
         self.device = pick_device(self.config.device)
         self.cpu_threads = cpu_threads(self.config.cpu_threads)
         self.adapter = self.make_adapter()
+        if self.config.fault_oom_at_bytes is not None:
+            arm_simulated_oom(self.adapter, self.config.fault_oom_at_bytes)
         self.link = RouterLink.for_current_replica(self.config, self.app_config)
         self.lifecycle = Lifecycle(
             model=self.config.id,
@@ -78,13 +80,22 @@ class ModelReplica:
 
     def replica_status(self) -> dict[str, Any]:
         return {
-            **self.lifecycle.status(), "replica": self.link.replica_id, "node": self.link.node_id, "pid": os.getpid()
+            **self.lifecycle.status(), "replica": self.link.replica_id, "node": self.link.node_id, "pid": os.getpid(),
+            "last_load_fault": getattr(self.adapter, "last_load_fault", None),
         }
 
     def __del__(self) -> None:
         link = getattr(self, "link", None)
         if link is not None:
             link.stop()
+
+
+def arm_simulated_oom(adapter: ModelAdapter, limit_bytes: int) -> None:
+    """Arm the torch adapter's fault injection (the model's `fault_oom_at_bytes`)."""
+    if not hasattr(adapter, "oom_at_bytes"):
+        raise TypeError(f"fault_oom_at_bytes needs the torch adapter; this model uses {type(adapter).__name__}")
+    adapter.oom_at_bytes = limit_bytes  # type: ignore[attr-defined]
+    logger.warning("Fault injection armed: loads raise a simulated out-of-memory past %d bytes.", limit_bytes)
 
 
 def cpu_threads(configured: int | None) -> int:

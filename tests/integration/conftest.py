@@ -94,9 +94,48 @@ def _kill_named_actors(namespace: str) -> None:
                 ray.kill(ray.get_actor(info["name"], namespace=namespace))
 
 
+def serve_config(args: dict[str, Any], autoscaling: dict[str, dict[str, Any]] | None = None) -> Any:
+    """The app as a Serve config (what `serve deploy serve_config.yaml` sends).
+
+    It names every model deployment with its `autoscaling_config`: the model's own, or the one
+    given in `autoscaling` (by model id). Always the same list, because Serve hashes the list of
+    the deployments' autoscaling policies into the app's code version: a config naming no
+    deployment and one naming some got different versions, and switching between them rolled
+    out every replica, the ingress too (16 of 635 soak requests then failed with a bare 500).
+    """
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve_app.app import deployment_name
+    from serve_app.config import AppConfig
+
+    overrides = autoscaling or {}
+    deployments = [
+        {"name": deployment_name(m.id), "autoscaling_config": overrides.get(m.id, m.autoscaling.to_serve())}
+        for m in AppConfig.model_validate(args).models
+    ]
+    app = {
+        "name": APP_NAME, "route_prefix": "/", "import_path": "serve_app.app:build_app", "args": args,
+        "deployments": deployments,
+    }
+    return ServeDeploySchema(applications=[app])
+
+
+def apply_serve_config(args: dict[str, Any], autoscaling: dict[str, dict[str, Any]] | None = None) -> None:
+    """Apply the config declaratively, as `serve deploy` does. With the code version unchanged
+    (see `serve_config`), new autoscaling bounds update the running app in place: Serve keeps
+    the replicas it has and only starts or stops some."""
+    from ray.serve.context import _get_global_client
+
+    _get_global_client().deploy_apps(serve_config(args, autoscaling))
+
+
 @pytest.fixture(scope="session")
-def deploy(serve_port: int) -> Callable[[dict[str, Any]], str]:
-    """Deploy the app with `args`, replacing any earlier one; return its base URL."""
+def deploy(serve_port: int) -> Callable[..., str]:
+    """Deploy the app with `args`, replacing any earlier one; return its base URL.
+
+    `declarative=True` deploys it from a Serve config (`apply_serve_config`), so that a test can
+    later change its scale in place; the default is `serve.run`, whose every call restarts all
+    replicas (it gives each deploy a new random code version)."""
     from ray import serve
 
     from serve_app.app import build_app
@@ -104,13 +143,16 @@ def deploy(serve_port: int) -> Callable[[dict[str, Any]], str]:
 
     current: dict[str, Any] = {}
 
-    def _deploy(args: dict[str, Any]) -> str:
-        if current.get("args") == args:
+    def _deploy(args: dict[str, Any], declarative: bool = False) -> str:
+        if current.get("args") == args and current.get("declarative") == declarative:
             return current["url"]
         serve.delete(APP_NAME)
         if current.get("args"):
             _kill_named_actors(AppConfig.model_validate(current["args"]).namespace)
-        serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
+        if declarative:
+            apply_serve_config(args)
+        else:
+            serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{serve_port}"
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -122,7 +164,7 @@ def deploy(serve_port: int) -> Callable[[dict[str, Any]], str]:
             time.sleep(0.3)
         else:
             raise TimeoutError("the application did not answer /health within 120 s")
-        current.update(args=args, url=url)
+        current.update(args=args, url=url, declarative=declarative)
         return url
 
     return _deploy
@@ -144,8 +186,22 @@ def hardened_args_once(hardened_lm_path: Any, tmp_path_factory: pytest.TempPathF
 
 
 @pytest.fixture
-def hardened_url(deploy: Callable[[dict[str, Any]], str], hardened_args_once: dict[str, Any]) -> str:
-    """The app of `tests/integration/hardened.py`: keys set, every family, an unplaceable model and
-    one whose weights file is corrupt. Per test, since other modules deploy other apps in between;
-    `deploy` does nothing when this app is already the current one."""
-    return deploy(hardened_args_once)
+def hardened_url(deploy: Callable[..., str], hardened_args_once: dict[str, Any]) -> str:
+    """The app of `tests/integration/hardened.py`: keys set, every family, an unplaceable model,
+    one whose weights file is corrupt and one whose loads run out of memory. Per test, since
+    other modules deploy other apps in between; `deploy` does nothing when this app is already
+    the current one. Deployed from a Serve config, so the soak can change its scale in place."""
+    return deploy(hardened_args_once, declarative=True)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the tests on the hardened app (security, faults, fuzz, soak) back to back, where the
+    first of them would run. In file order another module (test_router) ran between them, and
+    its deploy replaced the hardened app, which was then deployed again with every replica
+    cold-started: about 25 s of deploy plus the models' first loads, for nothing."""
+    hardened = [item for item in items if "hardened_url" in getattr(item, "fixturenames", ())]
+    if not hardened:
+        return
+    first = items.index(hardened[0])
+    others = [item for item in items if "hardened_url" not in getattr(item, "fixturenames", ())]
+    items[:] = [*others[:first], *hardened, *others[first:]]

@@ -1,6 +1,7 @@
 """One hardened deployment shared by the security, fault and soak tests: API and admin keys set,
-every family (embeddings, speech, a small random-weight text model), and one model that no node
-can place. The `hardened_url` fixture (conftest.py) deploys it; identical args reuse the app."""
+every family (embeddings, speech, a small random-weight text model), one model that no node
+can place, one whose weights file is corrupt and one whose loads raise a simulated out-of-memory.
+The `hardened_url` fixture (conftest.py) deploys it; identical args reuse the app."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from tests.integration.conftest import embeddings_model, fast_autoscaling
 API_KEY, ADMIN_KEY = "sk-test-inference-key", "sk-test-admin-key"
 NAMESPACE = "gpu-serve-hardened"
 EMB, WHISPER, LM, UNPLACEABLE = "all-MiniLM-L6-v2", "whisper-tiny.en", "tiny-lm", "unplaceable-minilm"
-CORRUPT = "corrupt-minilm"
-SERVED = (EMB, WHISPER, LM, UNPLACEABLE, CORRUPT)
+CORRUPT, OOM = "corrupt-minilm", "oom-minilm"
+SERVED = (EMB, WHISPER, LM, UNPLACEABLE, CORRUPT, OOM)
+#: The OOM model's loads raise a simulated out-of-memory past this many bytes (MiniLM has 87 MiB).
+OOM_AT_BYTES = 40 * 1024**2
 MiB = 1024**2
 
 
@@ -47,6 +50,8 @@ def hardened_args(lm_path: Path, corrupt_path: Path) -> dict[str, Any]:
             # Asks for a custom resource no node offers: Ray can never place it.
             embeddings_model(id=UNPLACEABLE, resources={"no_such_node_label": 1}),
             embeddings_model(id=CORRUPT, source=str(corrupt_path)),
+            # Fault injection: each load raises torch.OutOfMemoryError half way through the weights.
+            embeddings_model(id=OOM, fault_oom_at_bytes=OOM_AT_BYTES),
         ],
         "router": {"simulated_gpu_bytes": 2 * 1024**3, "request_timeout_s": 30, "replica_timeout_s": 6},
         "http": {"api_keys": [API_KEY], "admin_keys": [ADMIN_KEY]},
@@ -65,3 +70,25 @@ def status(url: str, key: str = API_KEY) -> dict[str, Any]:
     r = httpx.get(f"{url}/gpu/status", headers={"Authorization": f"Bearer {key}"}, timeout=30)
     assert r.status_code == 200, r.text
     return r.json()
+
+
+def ingress_pid() -> int | None:
+    """The pid of this cluster's ingress replica (every request passes through it; chaos never
+    kills it). Matched by title and by this session's RAY_TMPDIR: other Ray clusters may run on
+    the same machine with the same process titles."""
+    import os
+
+    ours = f"RAY_TMPDIR={os.environ['RAY_TMPDIR']}".encode()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if b"ServeReplica:gpu-serve:Ingress" not in fh.read():
+                    continue
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                if ours in fh.read().split(b"\0"):
+                    return int(pid)
+        except OSError:
+            continue
+    return None

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from tests.integration.hardened import (
     EMB,
     LM,
     NAMESPACE,
+    OOM,
+    OOM_AT_BYTES,
     UNPLACEABLE,
     WHISPER,
     admin,
@@ -97,10 +100,10 @@ def test_parallel_first_requests_make_exactly_one_load(hardened_url: str) -> Non
     assert row["loads"] - loads_before == 1, row
 
 
-def _speech(path: Path) -> bytes:
+def _speech(path: Path, repeat: int = 6) -> bytes:
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng is not installed (apt-get install -y espeak-ng)")
-    text = " ".join(["The quarterly report goes to the finance team by Friday morning."] * 6)
+    text = " ".join(["The quarterly report goes to the finance team by Friday morning."] * repeat)
     subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(path), text], check=True)
     return path.read_bytes()
 
@@ -109,9 +112,10 @@ def test_replica_killed_mid_request_answers_cleanly(hardened_url: str, tmp_path:
     import ray
 
     url = hardened_url
-    audio = _speech(tmp_path / "long.wav")
+    audio = _speech(tmp_path / "long.wav")  # long enough (about 25 s of speech) to be killed in flight
+    short = _speech(tmp_path / "short.wav", repeat=1)  # for the requests around it
     client = sdk(url, timeout=120)
-    client.audio.transcriptions.create(model=WHISPER, file=("warm.wav", audio))  # loaded, so the next one runs
+    client.audio.transcriptions.create(model=WHISPER, file=("warm.wav", short))  # loaded, so the next one runs
     outcome: dict[str, Any] = {}
 
     def request() -> None:
@@ -137,7 +141,7 @@ def test_replica_killed_mid_request_answers_cleanly(hardened_url: str, tmp_path:
         assert outcome["text"], outcome
     print(f"\n[faults] replica killed mid-request: {outcome.get('status', 200)} after {outcome['elapsed']:.1f}s")
     # Serve replaces the replica; the next request is served.
-    wait_for(lambda: _transcribes(client, audio), timeout=120, what="a new replica to serve")
+    wait_for(lambda: _transcribes(client, short), timeout=120, what="a new replica to serve")
 
 
 def _transcribes(client: openai.OpenAI, audio: bytes) -> bool:
@@ -227,12 +231,16 @@ def test_load_offload_restore_release_cycles_return_memory(hardened_url: str) ->
     handle = serve.get_deployment_handle("model-" + EMB, app_name="gpu-serve")
     pid = handle.replica_status.remote().result()["pid"]
 
+    step_s: Counter[str] = Counter()
+
     def cycle() -> None:
         for step in ("offload", "restore", "release", "load"):
+            t0 = time.monotonic()
             if step in ("offload", "release"):
                 assert admin(url, step, {"model": EMB}).status_code == 200
             else:
                 client.embeddings.create(model=EMB, input=f"cycle {step}")
+            step_s[step] += time.monotonic() - t0
 
     for _ in range(3):  # warm up allocator pools before the baseline
         cycle()
@@ -243,7 +251,8 @@ def test_load_offload_restore_release_cycles_return_memory(hardened_url: str) ->
     after = _rss_bytes(pid)
     assert handle.replica_status.remote().result()["pid"] == pid, "the replica was replaced mid-test"
     print(f"\n[faults] {CYCLES} load/offload/restore/release cycles in {time.monotonic() - start:.0f}s: "
-          f"replica RSS {before / MiB:.0f} -> {after / MiB:.0f} MiB")
+          f"replica RSS {before / MiB:.0f} -> {after / MiB:.0f} MiB (tolerance 64 MiB); mean step "
+          f"{ {k: round(v / (CYCLES + 3), 3) for k, v in step_s.items()} } s")
     assert after - before < 64 * MiB, (before, after)
 
 
@@ -267,3 +276,52 @@ def test_a_load_that_raises_is_503_with_the_reason_and_the_queue_moves_on(harden
     # Other models are served meanwhile: nothing waits behind the failed load.
     assert len(client.embeddings.create(model=EMB, input="still fine").data[0].embedding) == 384
     assert not [q for q in status(url)["queue"] if q["model"] == CORRUPT]
+
+
+def test_a_simulated_oom_at_a_byte_count_is_503_frees_what_it_allocated_and_the_queue_moves_on(
+    hardened_url: str,
+) -> None:
+    """`fault_oom_at_bytes` makes each load of OOM raise torch.OutOfMemoryError part way through
+    its weights, inside the real loader. Meanwhile the text model, released, waits for its own
+    load: it must be served, and the failed load must leave nothing held and nothing queued."""
+    from ray import serve
+
+    url = hardened_url
+    client = sdk(url)
+    handle = serve.get_deployment_handle("model-" + OOM, app_name="gpu-serve")
+    rss: list[int] = []
+    shared_gpu = []
+    for attempt in range(3):
+        if rows(url, LM) and rows(url, LM)[0]["state"] != "unloaded":
+            assert admin(url, "release", {"model": LM}).status_code == 200
+            wait_for(lambda: rows(url, LM)[0]["state"] == "unloaded", what="the text model's release")
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            failing = pool.submit(client.embeddings.create, model=OOM, input="x")
+            waiting = pool.submit(client.completions.create, model=LM, prompt="hello", max_tokens=2)
+            with pytest.raises(openai.APIStatusError) as info:
+                failing.result(timeout=90)
+            assert waiting.result(timeout=90).choices, "the other model's request was not served"
+        assert info.value.status_code == 503, info.value
+        body = info.value.body
+        assert body["code"] == "model_load_failed" and OOM in body["message"], body
+        assert "OutOfMemoryError" in body["message"] and "simulated out of memory" in body["message"], body
+        n = attempt + 1
+        (row,) = wait_for(
+            lambda: [r for r in rows(url, OOM) if r["loads"] == n and r["state"] == "unloaded"],  # noqa: B023
+            timeout=10, what="the router to see the failed load",
+        )
+        assert row["last_error"].startswith("load failed: OutOfMemoryError") and row["bytes_gpu"] == 0, row
+        own = handle.replica_status.remote().result(timeout_s=30)
+        fault = own["last_load_fault"]
+        # Tripped part way through the weights, and none of what it allocated is alive any more.
+        assert fault["tripped"] and OOM_AT_BYTES < fault["allocated_bytes"] < 87 * MiB, fault
+        assert fault["held_bytes"] == 0, fault
+        rss.append(_rss_bytes(own["pid"]))
+        (lm_row,) = rows(url, LM)
+        shared_gpu.append(lm_row["gpu"] == row["gpu"])
+    assert not [q for q in status(url)["queue"] if q["model"] in (OOM, LM)], status(url)["queue"]
+    print(f"\n[faults] simulated OOM at {OOM_AT_BYTES / MiB:.0f} MiB: each failed load allocated "
+          f"{fault['allocated_bytes'] / MiB:.1f} MiB and holds {fault['held_bytes']} B after; replica RSS after "
+          f"failed loads 1..3: {[round(r / MiB) for r in rss]} MiB; text model on the same GPU: {shared_gpu}")
+    # Three failed loads of about 45 MiB each: a leak of one would show as that much growth.
+    assert rss[-1] - rss[0] < 32 * MiB, rss

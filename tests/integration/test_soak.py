@@ -1,6 +1,8 @@
 """Soak under chaos: concurrent clients on every family while a chaos loop offloads, releases,
-loads, changes timeouts, flips simulated external VRAM use, and kills replicas, the router and
-probes. Nothing may be lost or wrong: a request ends in a correct answer, or (retried, as a
+loads, changes timeouts, flips simulated external VRAM use, kills replicas, the router and
+probes, and changes a deployment's autoscaling bounds through Serve (an in-place update of the
+running app from its Serve config, as `serve deploy` does: replicas are added and stopped while
+traffic runs). Nothing may be lost or wrong: a request ends in a correct answer, or (retried, as a
 client honouring Retry-After would) in a 503 with Retry-After, which is counted and bounded.
 
 Short form in the default suite (`GPU_SERVE_SOAK_REQUESTS`, default 1,000, within
@@ -9,6 +11,7 @@ Short form in the default suite (`GPU_SERVE_SOAK_REQUESTS`, default 1,000, withi
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import shutil
@@ -17,12 +20,14 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 
-from tests.integration.hardened import API_KEY, EMB, LM, NAMESPACE, WHISPER, admin, status
+from tests.integration.conftest import apply_serve_config, fast_autoscaling
+from tests.integration.hardened import API_KEY, EMB, LM, NAMESPACE, WHISPER, admin, ingress_pid, status
 from tests.integration.test_audio import wer
 
 pytestmark = [pytest.mark.integration, pytest.mark.soak]
@@ -32,33 +37,32 @@ BUDGET_S = float(os.environ.get("GPU_SERVE_SOAK_S", "150"))
 CLIENTS = 8
 SENTENCE = "Please send the quarterly report to the finance team by Friday."
 MiB = 1024**2
+#: (min_replicas, max_replicas) of a scaled-up model; (0, 1) is the hardened app's own.
+SCALE_UP = (2, 2)
+#: Seconds between scale changes (up, then back down): a new replica costs a process start and a load.
+SCALE_EVERY_S = 20.0
+
+
+def scaled_up(model: str) -> dict[str, dict[str, Any]]:
+    """Autoscaling bounds giving one model SCALE_UP replicas; the others keep their own (so at
+    most one model runs extra replicas at a time)."""
+    low, high = SCALE_UP
+    auto = {**fast_autoscaling(max_replicas=high), "min_replicas": low, "initial_replicas": low}
+    return {model: auto}
 
 
 def _ingress_rss() -> int:
-    """RSS of this cluster's ingress replica process (every request passes through it; chaos never
-    kills it). Matched by title and by this session's RAY_TMPDIR: other Ray clusters may run on
-    the same machine with the same process titles."""
-    ours = f"RAY_TMPDIR={os.environ['RAY_TMPDIR']}".encode()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                if b"ServeReplica:gpu-serve:Ingress" not in fh.read():
-                    continue
-            with open(f"/proc/{pid}/environ", "rb") as fh:
-                if ours not in fh.read().split(b"\0"):
-                    continue
-            with open(f"/proc/{pid}/status") as fh:
-                return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
-        except OSError:
-            continue
-    return 0
+    """RSS of this cluster's ingress replica process, 0 when it is not found."""
+    pid = ingress_pid()
+    if pid is None:
+        return 0
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
 
 
 class Soak:
-    def __init__(self, url: str, audio: bytes) -> None:
-        self.url, self.audio = url, audio
+    def __init__(self, url: str, audio: bytes, args: dict[str, Any]) -> None:
+        self.url, self.audio, self.args = url, audio, args
         self.lock = threading.Lock()
         self.sent = 0
         self.ok: Counter[str] = Counter()
@@ -70,6 +74,9 @@ class Soak:
         self.stop = threading.Event()
         self.deadline = time.monotonic() + BUDGET_S
         self.chaos: Counter[str] = Counter()
+        self.scales: list[str] = []
+        #: Most RUNNING replicas of one model at once, as Serve counts them (scale changes show here).
+        self.most_replicas = 1
 
     def take(self) -> int | None:
         with self.lock:
@@ -144,14 +151,34 @@ class Soak:
         from serve_app.cluster.router import ROUTER_NAME
 
         rng = random.Random(13)
-        last_kill = 0.0
+        last_kill, last_scale = 0.0, time.monotonic()
+        kills = itertools.cycle(["kill_replica", "kill_router", "kill_probe"])  # each kind, in turn
         models = (EMB, LM, WHISPER)
+        scaled: str | None = None
         while not self.stop.wait(rng.uniform(0.8, 1.6)):
-            action = rng.choice(
-                ["offload", "release", "load", "timeout", "external", "kill_replica", "kill_router", "kill_probe"]
-            )
+            action = rng.choice(["offload", "release", "load", "timeout", "external", "kill"])
+            if time.monotonic() - last_scale >= SCALE_EVERY_S:
+                action = "scale"
+            elif action == "kill":
+                if time.monotonic() - last_kill < 8.0:
+                    continue  # one kill at a time: each needs seconds to come back
+                action = next(kills)
             try:
-                if action in ("offload", "release", "load"):
+                if action in ("offload", "release", "load", "scale"):
+                    self._count_replicas(models)
+                if action == "scale":
+                    # Up: one model to two replicas (Serve starts one more while traffic runs);
+                    # down: back to the app's own bounds (Serve stops one, draining its requests).
+                    last_scale = time.monotonic()
+                    if scaled is None:
+                        scaled = rng.choice(models)
+                        apply_serve_config(self.args, scaled_up(scaled))
+                        self.scales.append(f"{scaled} up to {SCALE_UP[0]}..{SCALE_UP[1]}")
+                    else:
+                        apply_serve_config(self.args)
+                        self.scales.append(f"{scaled} back to 0..1")
+                        scaled = None
+                elif action in ("offload", "release", "load"):
                     admin(self.url, action, {"model": rng.choice(models)})
                 elif action == "timeout":
                     admin(self.url, "timeout", {"model": rng.choice(models), "idle_timeout_s": rng.choice([0, 2, 300])})
@@ -159,8 +186,6 @@ class Soak:
                     router = ray.get_actor(ROUTER_NAME, namespace=NAMESPACE)
                     for gpu in status(self.url)["gpus"]:
                         ray.get(router.simulate_external.remote(gpu["uuid"], rng.choice([0, 0, 512 * MiB])))
-                elif time.monotonic() - last_kill < 8.0:
-                    continue  # one kill at a time: each needs seconds to come back
                 elif action == "kill_replica":
                     rows = [m for m in status(self.url)["models"] if m["replica"] and m["model"] in models]
                     if rows:
@@ -177,6 +202,20 @@ class Soak:
             except Exception as exc:  # chaos may hit a restarting router: record and go on
                 self.chaos[f"{action} (refused: {type(exc).__name__})"] += 1
 
+    def _count_replicas(self, models: tuple[str, ...]) -> None:
+        """Serve's own count of RUNNING replicas per model (not the router's rows: a killed
+        replica's row lingers for replica_timeout_s beside its replacement)."""
+        from ray import serve
+
+        try:
+            deployments = serve.status().applications["gpu-serve"].deployments
+        except Exception:  # the controller is busy applying a config: no reading this time
+            return
+        for model in models:
+            info = deployments.get(f"model-{model}")
+            running = info.replica_states.get("RUNNING", 0) if info is not None else 0
+            self.most_replicas = max(self.most_replicas, running)
+
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory: pytest.TempPathFactory) -> bytes:
@@ -187,7 +226,7 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return Path(path).read_bytes()
 
 
-def test_soak_under_chaos_loses_nothing(hardened_url: str, clip: bytes) -> None:
+def test_soak_under_chaos_loses_nothing(hardened_url: str, hardened_args_once: dict[str, Any], clip: bytes) -> None:
     import ray
     from ray import serve
 
@@ -196,12 +235,12 @@ def test_soak_under_chaos_loses_nothing(hardened_url: str, clip: bytes) -> None:
     url = hardened_url
     for m in (EMB, LM, WHISPER):  # a known starting point: configured timeouts, every model warm
         admin(url, "timeout", {"model": m, "idle_timeout_s": 300, "release_timeout_s": 1800})
-    soak = Soak(url, clip)
+    soak = Soak(url, clip, hardened_args_once)
     warm = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
     for kind in ("embeddings", "completions", "transcriptions"):
         r = soak.call(warm, kind, 0)
         assert r.status_code == 200, r.text
-    rss_before = _ingress_rss()
+    rss_before, ingress_before = _ingress_rss(), ingress_pid()
     assert rss_before > 0, "the ingress process was not found"
     chaos = threading.Thread(target=soak.chaos_loop, daemon=True)
     clients = [threading.Thread(target=soak.client) for _ in range(CLIENTS)]
@@ -216,13 +255,15 @@ def test_soak_under_chaos_loses_nothing(hardened_url: str, clip: bytes) -> None:
     chaos.join(timeout=60)
     took = time.monotonic() - start
     assert not any(t.is_alive() for t in clients), "a client hung"
+    # Back to the app's own scale (one replica at most per model), for the tests after this one.
+    apply_serve_config(hardened_args_once)
 
     # Settle: no simulated external use, and the router's view converges on each replica's own.
     router = ray.get_actor(ROUTER_NAME, namespace=NAMESPACE)
     for gpu in status(url)["gpus"]:
         ray.get(router.simulate_external.remote(gpu["uuid"], 0))
     mismatches: list[str] = []
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60  # a stopped replica leaves the router's view after replica_timeout_s
     while time.monotonic() < deadline:
         mismatches = []
         for m in (EMB, LM, WHISPER):
@@ -235,7 +276,9 @@ def test_soak_under_chaos_loses_nothing(hardened_url: str, clip: bytes) -> None:
                 mismatches.append(f"{m}: replica unreachable ({type(exc).__name__})")
                 continue
             mine = [r for r in rows if r["replica"] == own["replica"]]
-            if not mine or mine[0]["state"] != own["state"]:
+            if len(rows) > 1:
+                mismatches.append(f"{m}: the router still lists {len(rows)} replicas after scaling back to one")
+            elif not mine or mine[0]["state"] != own["state"]:
                 mismatches.append(f"{m}: router says {[(r['replica'][-8:], r['state']) for r in rows]}, "
                                   f"replica {own['replica'][-8:]} says {own['state']}")
         if not mismatches:
@@ -249,6 +292,7 @@ def test_soak_under_chaos_loses_nothing(hardened_url: str, clip: bytes) -> None:
     print(
         f"\n[soak] {total} requests in {took:.0f}s ({dict(soak.ok)}), failures {len(soak.failures)}, "
         f"503s retried {dict(soak.overload_503)}, p50 {p50:.2f}s p99 {p99:.2f}s, chaos {dict(soak.chaos)}, "
+        f"scale changes {soak.scales} (most replicas of one model at once: {soak.most_replicas}), "
         f"ingress RSS {rss_before / MiB:.0f} -> {rss_after / MiB:.0f} MiB"
     )
     assert not soak.failures, soak.failures[:5]
@@ -259,3 +303,6 @@ def test_soak_under_chaos_loses_nothing(hardened_url: str, clip: bytes) -> None:
     assert rss_after - rss_before < 100 * MiB, (rss_before, rss_after)
     kills = sum(v for k, v in soak.chaos.items() if k.startswith("kill_") and "refused" not in k)
     assert kills >= 1 and soak.chaos["offload"] + soak.chaos["release"] >= 1, soak.chaos
+    assert soak.chaos["scale"] >= 1 and soak.most_replicas >= 2, (soak.chaos, soak.scales, soak.most_replicas)
+    # The scale changes updated the app in place: the ingress was never replaced (a rollout would).
+    assert ingress_pid() == ingress_before, "the ingress replica was replaced: a scale change rolled out the app"
