@@ -69,7 +69,9 @@ class Stabilizer:
 
     def _extends_committed(self, words: list[str]) -> bool:
         n = len(self.committed)
-        return len(words) >= n and all(normalise(a) == normalise(b) for a, b in zip(words, self.committed, strict=False))
+        if len(words) < n:
+            return False
+        return all(normalise(a) == normalise(b) for a, b in zip(words[:n], self.committed, strict=True))
 
     def _overlap(self, words: list[str]) -> int:
         """Where `words` continue past the committed prefix: its length if they start with it,
