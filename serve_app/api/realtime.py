@@ -305,12 +305,15 @@ class RealtimeConnection:
             await self.send({"type": "input_audio_buffer.cleared"})
 
     async def run(self, query_model: str | None) -> None:
+        error: ServeError | None = None
+        try:
+            self.select_model(query_model)  # at once: an unloaded model starts loading now
+        except ServeError as exc:
+            error = exc
         await self.send({"type": "transcription_session.created" if self.beta else "session.created",
                          "session": self.session_object()})
-        try:
-            self.select_model(query_model)
-        except ServeError as exc:
-            await self.send_error(exc)
+        if error is not None:
+            await self.send_error(error)
         receiver = asyncio.ensure_future(self._receive())
         done = asyncio.ensure_future(self._done.wait())
         try:
@@ -387,4 +390,11 @@ async def realtime(ws: WebSocket) -> None:
             param="intent", code="invalid_intent"))
         await ws.close(1008, "use ?intent=transcription")
         return
-    await conn.run(ws.query_params.get("model"))
+    try:
+        await conn.run(ws.query_params.get("model"))
+    except Exception as exc:  # a bug, not the client's: say so, and close as an internal error
+        logger.exception("realtime session %s failed", conn.session_id)
+        await conn.send_error(exc)
+        if ws.application_state is WebSocketState.CONNECTED:
+            with contextlib.suppress(Exception):
+                await ws.close(1011, "internal error")

@@ -102,13 +102,13 @@ class TranscriptionSession:
         self.options = options or TranscriptionOptions()
         self.src_rate = src_rate
         self.resampler = Resampler(src_rate)
-        self.vad: StreamingVad | None = None
-        self.detector: TurnDetector | None = None
-        self.set_turn_detection(turn_params)
         self.audio = np.zeros(0, dtype=np.float32)
         self.audio_start = 0  # timeline sample of self.audio[0]
         self.position = 0  # samples received
         self.open_turn: Turn | None = None
+        self.vad: StreamingVad | None = None
+        self.detector: TurnDetector | None = None
+        self.set_turn_detection(turn_params)
         self.finals: deque[Turn] = deque()
         self.previous_item_id: str | None = None
         self.ready = asyncio.Event()
