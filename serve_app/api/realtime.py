@@ -43,7 +43,8 @@ from serve_app.errors import InvalidRequest, ModelNotFound, ServeError
 logger = logging.getLogger("serve_app.api.realtime")
 router = APIRouter()
 
-#: OpenAI's limit on one `input_audio_buffer.append` event.
+#: OpenAI's limit on one `input_audio_buffer.append` event's audio (base64). The Serve proxy
+#: closes a WebSocket on any message over 16 MiB (1009), so a larger one never reaches us.
 MAX_APPEND_BYTES = 15 * 1024**2
 RATES = (24_000, 16_000)
 PCM_TYPES = ("audio/pcm", "pcm16")
@@ -359,9 +360,9 @@ def decode_append(event: dict[str, Any]) -> Any:
     if not isinstance(audio, str):
         raise InvalidRequest("input_audio_buffer.append needs audio: base64 PCM16 mono", param="audio",
                              code="invalid_audio")
-    if len(audio) * 3 // 4 > MAX_APPEND_BYTES:
+    if len(audio) > MAX_APPEND_BYTES:
         raise InvalidRequest(
-            f"the audio of one append is {len(audio) * 3 / 4 / 1024**2:.1f} MiB, over the limit of 15 MiB; "
+            f"the audio of one append is {len(audio) / 1024**2:.1f} MiB of base64, over the limit of 15 MiB; "
             "send smaller chunks (20-100 ms each is typical)",
             param="audio", code="audio_too_large",
         )

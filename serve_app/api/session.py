@@ -192,6 +192,9 @@ class TranscriptionSession:
     async def _watch_idle(self) -> None:
         timeout = self.config.session_idle_timeout_s
         while True:
+            # A turn waiting for the model is not idleness: the client is waiting for its text.
+            if self.finals:
+                self.last_audio_at = max(self.last_audio_at, self.clock() - timeout / 2)
             idle = self.clock() - self.last_audio_at
             if idle >= timeout:
                 await self._fatal(

@@ -83,13 +83,13 @@ def wait_for(predicate: Any, timeout_s: float, what: str) -> Any:
         time.sleep(0.2)
 
 
-async def stream_paced(send: Any, audio: np.ndarray, rate: int, chunk_s: float = CHUNK_S) -> None:
-    """Send `audio` in chunks, each at the moment it would have been spoken."""
+async def stream_paced(send: Any, audio: np.ndarray, rate: int, chunk_s: float = CHUNK_S, speed: float = 1.0) -> None:
+    """Send `audio` in chunks, each at the moment it would have been spoken (`speed` times faster)."""
     step = int(rate * chunk_s)
     start = time.monotonic()
     for i, offset in enumerate(range(0, audio.shape[0], step)):
         await send(audio[offset : offset + step])
-        delay = start + (i + 1) * chunk_s - time.monotonic()
+        delay = start + (i + 1) * chunk_s / speed - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
 
@@ -164,7 +164,7 @@ def test_openai_sdk_two_turns_from_an_unloaded_model(url: str, speech: dict[str,
             await sender
             return events, first.model_dump(), started
 
-    events, first, started = asyncio.run(go())
+    events, first, _ = asyncio.run(go())
     assert first["type"] == "session.created"
     assert first["session"]["type"] == "transcription"
     assert events[0]["type"] == "session.updated", [e["type"] for e in events[:3]]
@@ -207,10 +207,11 @@ async def next_event(ws: Any, kinds: tuple[str, ...], timeout_s: float = 60) -> 
 async def raw_turn(ws: Any, audio: np.ndarray, *, paced: bool = True) -> dict[str, Any]:
     """Stream one clip plus trailing silence; return its completed event."""
     async def send(chunk: np.ndarray) -> None:
-        await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(chunk.tobytes()).decode()}))
+        await ws.send(json.dumps({"type": "input_audio_buffer.append",
+                                  "audio": base64.b64encode(chunk.tobytes()).decode()}))
 
     full = np.concatenate([audio, silence(1.0, RATE)])
-    sender = asyncio.ensure_future(stream_paced(send, full, RATE, 0.1 if paced else 0.0))
+    sender = asyncio.ensure_future(stream_paced(send, full, RATE, 0.1, speed=1.0 if paced else 1000.0))
     try:
         return await next_event(ws, ("conversation.item.input_audio_transcription.completed",), 90)
     finally:
@@ -276,7 +277,7 @@ def test_bad_input_gets_error_events_and_the_session_goes_on(url: str, speech: d
         assert err["error"]["event_id"] == "e1" and err["error"]["param"] == "audio"
         await expect_error({"type": "response.create"}, "unknown_event_type")
         await expect_error("{not json", "invalid_json")
-        big = base64.b64encode(b"\0" * (15 * 1024**2 + 1024)).decode()
+        big = "A" * (15 * 1024**2 + 1024)  # valid base64, over 15 MiB, under the proxy's 16 MiB frame limit
         await expect_error({"type": "input_audio_buffer.append", "audio": big}, "audio_too_large")
         await expect_error({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
             "format": {"type": "audio/pcmu"}}}}}, "invalid_audio_format")
