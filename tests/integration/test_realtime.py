@@ -181,6 +181,14 @@ def test_openai_sdk_two_turns_from_an_unloaded_model(url: str, speech: dict[str,
         assert deltas == done["transcript"]
         assert wer(ref, done["transcript"]) <= 0.25, (ref, done["transcript"])
         assert done["usage"]["type"] == "duration" and done["usage"]["seconds"] > 0
+    # Partial text while someone speaks: some delta comes before its turn's speech_stopped.
+    delta = "conversation.item.input_audio_transcription.delta"
+    early = [
+        kinds.index("input_audio_buffer.speech_stopped") > kinds.index(delta)
+        for kinds in ([e["type"] for e in items[d["item_id"]]] for d in completed)
+        if delta in kinds
+    ]
+    assert any(early), [[e["type"] for e in items[d["item_id"]]] for d in completed]
     starts = [e["audio_start_ms"] for e in events if e["type"] == "input_audio_buffer.speech_started"]
     assert starts == sorted(starts) and 200 <= starts[0] <= 1000, starts
     [row] = [r for r in status_rows(url) if r.get("replica")]
