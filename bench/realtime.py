@@ -14,7 +14,8 @@ to whisper tiny.en (int8, CPU) on one replica. Measured at the client:
     (the queue does not grow).
 
 With `--whisperlivekit`, the same sessions go to WhisperLiveKit (`wlk serve`, its own venv in
-`.bench/venvs/whisperlivekit`, faster-whisper backend, the same model directory) on its
+`.bench/venvs/whisperlivekit`, faster-whisper backend, LocalAgreement policy as here, the same model
+directory) on its
 `/asr` at s16le 16 kHz; there "completed" is the moment a sentence's words stop changing in
 `lines` (WhisperLiveKit has no end-of-turn event), and the onset figure is the first text.
 """
@@ -249,7 +250,8 @@ def start_wlk(model_dir: str, port: int) -> subprocess.Popen[bytes]:
     if not wlk.exists():
         raise SystemExit(f"{wlk} is missing: create the venv (pip install torch==2.13.0 whisperlivekit==0.2.26)")
     proc = subprocess.Popen(
-        [str(wlk), "serve", "--backend", "faster-whisper", "--model_dir", model_dir, "--model", "tiny.en",
+        [str(wlk), "serve", "--backend", "faster-whisper", "--backend-policy", "localagreement",
+         "--model_dir", model_dir, "--model", "tiny.en",
          "--lan", "en", "--warmup-file", "", "--host", "127.0.0.1", "--port", str(port), "--pcm-input"],
         env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )

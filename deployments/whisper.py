@@ -355,10 +355,20 @@ class WhisperDeployment(ModelReplica):
             self._sessions -= 1
             logger.info("realtime session %s closed (%d open)", session_id, self._sessions)
 
-    async def transcribe_pcm(self, samples: np.ndarray, options: TranscriptionOptions) -> dict[str, Any]:
+    async def transcribe_pcm(
+        self, samples: np.ndarray, options: TranscriptionOptions, partial: bool = False
+    ) -> dict[str, Any] | None:
         """Transcribe one turn of a realtime session (16 kHz float32), in the slot's queue with
-        file requests. Not counted against `max_queue`: a session has at most one call in flight."""
+        file requests. Not counted against `max_queue`: a session has at most one call in flight.
+
+        A `partial` (the growing turn, re-done for its stable prefix) never queues: while the
+        slot is taken it returns None at once and the session tries again later. Queued, two
+        sessions' partials kept the slot full and each final waited behind the other session's
+        partials (end of speech to text: p50 2.4 s with two sessions against 1.0 s with one).
+        """
         self.transcriber.precheck(options)
+        if partial and self._slot.locked():
+            return None
         async with self.lifecycle.use():
             self.transcriber.check(options)
             async with self._slot:

@@ -347,8 +347,8 @@ class TranscriptionSession:
             and self.clock() - turn.last_partial_at >= self.config.partial_interval_s
         )
 
-    async def _call(self, samples: np.ndarray, options: TranscriptionOptions) -> dict[str, Any]:
-        response = self.handle.transcribe_pcm.remote(samples, options)
+    async def _call(self, samples: np.ndarray, options: TranscriptionOptions, partial: bool = False) -> Any:
+        response = self.handle.transcribe_pcm.remote(samples, options, partial)
         try:
             return await response
         except asyncio.CancelledError:
@@ -360,12 +360,14 @@ class TranscriptionSession:
         turn.last_partial_len = self.position - turn.start
         samples = self._samples(turn.start, self.position)
         try:
-            result = await self._call(samples, replace(self.options, beam_size=1, temperature=0.0))
+            result = await self._call(samples, replace(self.options, beam_size=1, temperature=0.0), partial=True)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             logger.warning("session %s: partial transcription failed: %s", self.id, unwrap(exc))
             return
+        if result is None:
+            return  # the model was busy (another turn, a file): try again at the next interval
         if self.open_turn is not turn and turn not in self.finals:
             return  # cleared meanwhile
         delta = turn.stabilizer.update(result["text"])
