@@ -2,7 +2,8 @@
 a plain websockets client on WhisperLiveKit's `/asr`, the bundled tiny.en, espeak-ng speech
 streamed at real-time pace, and the live page in headless Chromium.
 
-One app for the module (its realtime limits are small so that the limit tests are quick)."""
+One app for the module, with an inference key set (every client here sends it, the way each
+protocol carries it), and realtime limits small enough for the limit tests to be quick."""
 
 from __future__ import annotations
 
@@ -28,9 +29,12 @@ pytestmark = pytest.mark.integration
 MODEL = "whisper-tiny.en"
 RATE = 24_000
 CHUNK_S = 0.05
+KEY = "sk-realtime-test-0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 ARGS: dict[str, Any] = {
     "models": [whisper_model(idle_timeout_s=300)],
     "router": {"simulated_gpu_bytes": 4 * 1024**3},
+    "http": {"api_keys": [KEY]},
     "realtime": {"max_sessions_per_replica": 2, "session_idle_timeout_s": 6},
 }
 
@@ -68,7 +72,7 @@ def ws_url(url: str) -> str:
 
 
 def status_rows(url: str) -> list[dict[str, Any]]:
-    doc = httpx.get(f"{url}/gpu/status", timeout=30).json()
+    doc = httpx.get(f"{url}/gpu/status", headers=AUTH, timeout=30).json()
     return [m for m in doc["models"] if m["model"] == MODEL]
 
 
@@ -142,7 +146,7 @@ def test_openai_sdk_two_turns_from_an_unloaded_model(url: str, speech: dict[str,
     ])
 
     async def go() -> tuple[list[dict[str, Any]], dict[str, Any], float]:
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
         async with client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
             first = await asyncio.wait_for(conn.recv(), 30)
             await conn.session.update(session={
@@ -196,7 +200,7 @@ def test_openai_sdk_two_turns_from_an_unloaded_model(url: str, speech: dict[str,
 
 
 async def open_raw(url: str, query: str = "intent=transcription") -> Any:
-    ws = await websockets.connect(f"{ws_url(url)}/v1/realtime?{query}", max_size=None)
+    ws = await websockets.connect(f"{ws_url(url)}/v1/realtime?{query}&api_key={KEY}", max_size=None)
     created = json.loads(await asyncio.wait_for(ws.recv(), 30))
     assert created["type"] == "session.created"
     return ws
@@ -251,7 +255,7 @@ def test_an_open_session_keeps_the_model_resident_and_files_are_still_served(
                 lambda c: ws.send(json.dumps({"type": "input_audio_buffer.append",
                                               "audio": base64.b64encode(c.tobytes()).decode()})),
                 silence(3.0, RATE), RATE, 0.1))
-            file = await http.post("/v1/audio/transcriptions", data={"model": MODEL},
+            file = await http.post("/v1/audio/transcriptions", data={"model": MODEL}, headers=AUTH,
                                    files={"file": ("s.wav", speech["s0"].read_bytes(), "audio/wav")})
             await keepalive
             assert file.status_code == 200 and wer(SENTENCES[0], file.json()["text"]) <= 0.25, file.text
@@ -378,7 +382,8 @@ def test_whisperlivekit_asr_protocol(url: str, speech: dict[str, Path]) -> None:
     audio = np.concatenate([pcm(speech["s0"], 16_000), silence(1.0, 16_000), pcm(speech["s2"], 16_000)])
 
     async def go() -> list[dict[str, Any]]:
-        async with websockets.connect(f"{ws_url(url)}/asr?language=en", max_size=None) as ws:
+        async with websockets.connect(f"{ws_url(url)}/asr?language=en", additional_headers=AUTH,
+                                      max_size=None) as ws:
             config = json.loads(await asyncio.wait_for(ws.recv(), 30))
             assert config == {"type": "config", "useAudioWorklet": True}
 
@@ -426,11 +431,33 @@ def test_live_page_in_headless_chromium_shows_the_spoken_words(
         ])
         try:
             page = browser.new_page()
-            page.goto(f"{url}/realtime")
+            page.goto(f"{url}/realtime?api_key={KEY}")  # the page passes it on to its WebSocket
             page.wait_for_function("document.querySelectorAll('#model option').length > 0", timeout=30_000)
             page.click("#mic")
-            page.wait_for_function("document.querySelector('#transcript p.done') !== null", timeout=90_000)
-            text = page.inner_text("#transcript p.done")
+            # The file loops: each pass is a turn. Under CPU load the page's audio callback can
+            # glitch a pass, so the words must show in one of the first three turns.
+            texts: list[str] = []
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                texts = page.eval_on_selector_all("#transcript p.done", "ps => ps.map(p => p.textContent)")
+                if any(wer(SENTENCES[0], t) <= 0.25 for t in texts) or len(texts) >= 3:
+                    break
+                page.wait_for_timeout(250)
         finally:
             browser.close()
-    assert wer(SENTENCES[0], text) <= 0.25, text
+    assert any(wer(SENTENCES[0], t) <= 0.25 for t in texts), texts
+
+
+def test_keys_asr_needs_one_and_the_page_shell_does_not(url: str) -> None:
+    page = httpx.get(f"{url}/realtime", timeout=30)  # no key: the shell holds no data
+    assert page.status_code == 200 and "Start microphone" in page.text
+
+    async def go() -> None:
+        for target in (f"{ws_url(url)}/asr", f"{ws_url(url)}/v1/realtime?intent=transcription&api_key=wrong"):
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                await websockets.connect(target)
+            assert refused.value.response.status_code == 401
+        async with websockets.connect(f"{ws_url(url)}/asr?api_key={KEY}") as ws:
+            assert json.loads(await asyncio.wait_for(ws.recv(), 30))["type"] == "config"
+
+    asyncio.run(go())
