@@ -32,11 +32,13 @@ class Call:
 
     def __init__(self, coro: Any) -> None:
         self.task = asyncio.ensure_future(coro)
+        self.cancelled = False
 
     def __await__(self) -> Any:
         return self.task.__await__()
 
     def cancel(self) -> None:
+        self.cancelled = True
         self.task.cancel()
 
 
@@ -46,16 +48,19 @@ class InProcessWhisper:
     def __init__(self, transcriber: Transcriber) -> None:
         self.transcriber = transcriber
         self.calls: list[bool] = []  # partial or not, per call
+        self.responses: list[Call] = []
         self.open_sessions = 0
-        outer = self
 
         class _Remote:
             def __init__(self, fn: Any) -> None:
                 self.remote = fn
 
-        self.transcribe_pcm = _Remote(lambda samples, options, partial=False: Call(outer._run(samples, options,
-                                                                                              partial)))
+        self.transcribe_pcm = _Remote(self._call)
         self.session = _Remote(self._session)
+
+    def _call(self, samples: np.ndarray, options: TranscriptionOptions, partial: bool = False) -> Call:
+        self.responses.append(Call(self._run(samples, options, partial)))
+        return self.responses[-1]
 
     def options(self, **_: Any) -> InProcessWhisper:
         return self
@@ -208,3 +213,28 @@ async def test_the_buffer_limit_refuses_audio_the_model_has_not_caught_up_with(t
     assert full.value.code == "input_audio_buffer_full" and full.value.param == "audio"
     await s.clear()
     assert s.open_turn is None
+
+
+async def test_a_disconnect_mid_turn_cancels_its_model_call_and_drops_the_hold(transcriber: Transcriber,
+                                                                             speech: list[np.ndarray]) -> None:
+    handle = InProcessWhisper(transcriber)
+
+    async def emit(kind: str, data: dict[str, Any]) -> None:
+        pass
+
+    async def on_fatal(closed: SessionClosed) -> None:
+        raise AssertionError(closed)
+
+    s = TranscriptionSession(handle=handle, model_id="tiny.en", config=RealtimeConfig(), emit=emit,
+                             on_fatal=on_fatal, src_rate=RATE, turn_params=None)
+    s.start()
+    await s.append(speech[0])
+    await s.commit()  # a final is now due
+    for _ in range(100):
+        if handle.responses:
+            break
+        await asyncio.sleep(0.01)
+    assert handle.open_sessions == 1 and handle.responses
+    await s.close()  # the client went away mid-transcription
+    assert handle.responses[-1].cancelled
+    assert handle.open_sessions == 0
