@@ -7,6 +7,8 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 SYSTEM_PACKAGES := espeak-ng sox
+# The live page's test drives Debian's Chromium (Playwright, executable_path).
+SYSTEM_PACKAGES += chromium
 PYTEST_ARGS ?=
 
 .PHONY: run test install install-test system-deps lint unit integration bench k8s clean bench-gpu soak bench-peers bench-overhead
@@ -74,6 +76,14 @@ bench-peers: install-test
 # This service against a plain Serve deployment of the same model: the price of management.
 bench-overhead: install-test
 	$(PY) bench/overhead.py
+
+# Realtime transcription: latency, real-time factor, concurrent sessions; WhisperLiveKit beside it
+# (its venv, .bench/venvs/whisperlivekit, is made once; it needs ffmpeg).
+.PHONY: bench-realtime
+bench-realtime: install-test
+	@test -x .bench/venvs/whisperlivekit/bin/wlk || { python3 -m venv .bench/venvs/whisperlivekit && \
+	  .bench/venvs/whisperlivekit/bin/python -m pip install -q torch==2.13.0 whisperlivekit==0.2.26 faster-whisper; }
+	$(PY) bench/realtime.py --whisperlivekit
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

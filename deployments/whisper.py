@@ -44,7 +44,7 @@ from ray import serve
 
 from serve_app.adapters.ctranslate2 import CTranslate2WhisperAdapter
 from serve_app.cluster.replica import ModelReplica
-from serve_app.errors import InvalidRequest, QueueFull
+from serve_app.errors import InvalidRequest, QueueFull, SessionLimit
 
 logger = logging.getLogger("serve_app.deployments.whisper")
 T = TypeVar("T")
@@ -70,6 +70,8 @@ class TranscriptionOptions:
     prompt: str | None = None
     temperature: float = 0.0
     word_timestamps: bool = False
+    #: None: the model's default (5). Realtime partials use 1: they are re-done within a second.
+    beam_size: int | None = None
 
 
 def decode_audio_bytes(data: bytes) -> np.ndarray:
@@ -182,7 +184,7 @@ class Transcriber:
                 initial_prompt=options.prompt or None,
                 temperature=temperature,
                 word_timestamps=options.word_timestamps,
-                beam_size=self.beam_size,
+                beam_size=options.beam_size or self.beam_size,
             )
             language = info.language
         if on_event is not None:
@@ -260,6 +262,7 @@ class WhisperDeployment(ModelReplica):
         self._slot = asyncio.Semaphore(1)
         self._admitted = 0  # requests between queue admission and the end of their model work
         self._job_s = 2.0  # moving average of one transcription's duration, for Retry-After
+        self._sessions = 0  # open realtime sessions on this replica, from admission to close
 
     def make_adapter(self) -> CTranslate2WhisperAdapter:
         # CTranslate2 would follow OMP_NUM_THREADS, which Ray sets to 1 for a replica with
@@ -324,6 +327,53 @@ class WhisperDeployment(ModelReplica):
                     finally:
                         stop.set()
                         await _finish(worker, stop)
+
+    async def session(self, session_id: str) -> AsyncIterator[dict[str, Any]]:
+        """Hold the model resident for one realtime session; call with `stream=True`.
+
+        Yields `{"type": "accepted"}` at once, `{"type": "ready"}` once the model is loaded,
+        then nothing until the caller cancels the stream at the session's end. Over
+        `realtime.max_sessions_per_replica` it raises `SessionLimit` before yielding. The
+        session's turns come separately (`transcribe_pcm`) and queue for the slot with files.
+        """
+        limit = self.app_config.realtime.max_sessions_per_replica
+        if self._sessions >= limit:
+            raise SessionLimit(
+                f"model {self.config.id!r}: this replica holds {self._sessions} realtime sessions, its limit "
+                f"(realtime.max_sessions_per_replica {limit}); retry later, or raise the limit or "
+                "autoscaling.max_replicas",
+                retry_after_s=5.0,
+            )
+        self._sessions += 1
+        logger.info("realtime session %s opened on %s (%d open)", session_id, self.link.replica_id, self._sessions)
+        try:
+            yield {"type": "accepted", "replica": self.link.replica_id}
+            async with self.lifecycle.hold():
+                yield {"type": "ready", "replica": self.link.replica_id, "state": self.lifecycle.state.value}
+                await asyncio.Event().wait()  # until the caller cancels
+        finally:
+            self._sessions -= 1
+            logger.info("realtime session %s closed (%d open)", session_id, self._sessions)
+
+    async def transcribe_pcm(
+        self, samples: np.ndarray, options: TranscriptionOptions, partial: bool = False
+    ) -> dict[str, Any] | None:
+        """Transcribe one turn of a realtime session (16 kHz float32), in the slot's queue with
+        file requests. Not counted against `max_queue`: a session has at most one call in flight.
+
+        A `partial` (the growing turn, re-done for its stable prefix) never queues: while the
+        slot is taken it returns None at once and the session tries again later. Queued, two
+        sessions' partials kept the slot full and each final waited behind the other session's
+        partials (end of speech to text: p50 2.4 s with two sessions against 1.0 s with one).
+        """
+        self.transcriber.precheck(options)
+        if partial and self._slot.locked():
+            return None
+        async with self.lifecycle.use():
+            self.transcriber.check(options)
+            async with self._slot:
+                stop = threading.Event()
+                return await _finish(self._timed(self.transcriber.transcribe, samples, options, stop=stop), stop)
 
     # --- helpers ---------------------------------------------------------------------------
 

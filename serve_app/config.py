@@ -300,12 +300,34 @@ class HttpConfig(_Frozen):
         return v
 
 
+class RealtimeConfig(_Frozen):
+    """Realtime transcription sessions (`/v1/realtime`, `/asr`): limits that keep a session from
+    holding a replica or the ingress's memory without bound."""
+
+    max_sessions_per_replica: int = Field(
+        8, ge=1, description="Open sessions one speech replica holds; one more is refused (error, then close 1013)."
+    )
+    session_idle_timeout_s: float = Field(
+        30.0, gt=0, description="No audio for this long: the session is closed with a reason."
+    )
+    max_buffered_audio_s: float = Field(
+        120.0, gt=0, description="Audio a session may hold untranscribed (turns waiting for the model); more: error."
+    )
+    max_turn_s: float = Field(
+        28.0, gt=0, le=30, description="A turn this long is committed by the server (Whisper sees 30 s windows)."
+    )
+    partial_interval_s: float = Field(
+        0.6, ge=0.5, le=1.0, description="Re-transcribe a growing turn at most this often, for partial text."
+    )
+
+
 class AppConfig(_Frozen):
     """Everything in the application's `args`."""
 
     models: list[ModelConfig] = Field(..., min_length=1)
     router: RouterConfig = Field(default_factory=RouterConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    realtime: RealtimeConfig = Field(default_factory=RealtimeConfig)
     namespace: str = Field("gpu-serve", description="Ray namespace of the router and probe actors.")
 
     @model_validator(mode="after")

@@ -5,7 +5,8 @@
     │   └── PayloadTooLarge       (413)
     ├── ModelNotFound             (404; the message lists the served ids)
     ├── CapacityError             (503 + Retry-After: no GPU room within the request timeout)
-    │   └── QueueFull             (503 + Retry-After: too many requests waiting on an instance)
+    │   ├── QueueFull             (503 + Retry-After: too many requests waiting on an instance)
+    │   └── SessionLimit          (a realtime session over a replica's limit: error event, close 1013)
     ├── ModelLoadError            (503: the load or restore failed; the next request tries again)
     ├── ModelUnschedulable        (503 + Retry-After: no node can host a replica of the model)
     ├── ReplicaUnavailable        (503 + Retry-After: the replica died mid-request; Serve replaces it)
@@ -86,6 +87,10 @@ class CapacityError(ServeError):
 
 class QueueFull(CapacityError):
     code = "queue_full"
+
+
+class SessionLimit(CapacityError):
+    code = "session_limit_reached"
 
 
 class ModelLoadError(ServeError):

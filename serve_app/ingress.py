@@ -21,6 +21,8 @@ logger = logging.getLogger("serve_app.ingress")
 #: How often the ingress re-checks that every model's replica can be placed (nodes come and go).
 PLACEMENT_CHECK_S = 2.0
 OPTIONAL_ROUTERS = ("serve_app.api.audio", "serve_app.api.chat")
+#: Realtime transcription: the OpenAI and WhisperLiveKit WebSockets, and the live page.
+REALTIME_ROUTERS = ("serve_app.api.realtime", "serve_app.api.asr", "serve_app.api.live")
 
 
 def upload_limit() -> int:
@@ -38,7 +40,7 @@ def build_fastapi() -> FastAPI:
         app.include_router(module.router)
     import importlib
 
-    for name in OPTIONAL_ROUTERS:
+    for name in (*OPTIONAL_ROUTERS, *REALTIME_ROUTERS):
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as exc:

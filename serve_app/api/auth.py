@@ -5,7 +5,8 @@ Two optional key sets, from the config (`http.api_keys`, `http.admin_keys`) or t
 
     route                                  needs
     /health, /openapi.json, /docs, GET /   nothing (the status page's shell holds no data)
-    /v1/*                                  an inference or an admin key, when inference keys are set
+    /v1/*, /asr                            an inference or an admin key, when inference keys are set
+    GET /realtime                          nothing (the live page's shell; its WebSocket carries the key)
     GET /gpu/* (status, traces)            the same: either kind
     /gpu/* commands (POST...), /gpu/events an admin key; without admin keys: loopback clients only
     /mcp, anything not listed              as /gpu/* commands (deny by default)
@@ -62,6 +63,8 @@ RULES: tuple[tuple[str, frozenset[str] | None, Access], ...] = (
     ("/redoc", READ_METHODS, Access.OPEN),
     ("/$", READ_METHODS, Access.OPEN),
     ("/v1/", None, Access.INFER),
+    ("/asr", None, Access.INFER),  # WhisperLiveKit's WebSocket: inference, like /v1/
+    ("/realtime$", READ_METHODS, Access.OPEN),  # the live page's shell; its WebSocket carries the key
     ("/gpu/events", None, Access.ADMIN),
     ("/gpu/", READ_METHODS, Access.INFER),
     ("/gpu/", None, Access.ADMIN),

@@ -313,7 +313,9 @@ class Router:
                     bytes_gpu=bytes_gpu,
                     bytes_cpu=int(st.get("bytes_cpu") or 0),
                     last_used_at=self.clock() - float(st.get("idle_in_state_s") or 0.0),
-                    in_flight=int(st.get("in_flight") or 0) + int(st.get("waiting") or 0) + held,
+                    # An open realtime session counts as use: never an eviction or idle offload under it.
+                    in_flight=int(st.get("in_flight") or 0) + int(st.get("waiting") or 0) + held
+                    + int(st.get("sessions") or 0),
                     priority=int(policy.get("priority", 0)),
                     idle_timeout_s=policy.get("idle_timeout_s"),
                     release_timeout_s=policy.get("release_timeout_s"),

@@ -56,6 +56,7 @@ def model_rows(
                 "device": st.get("device"),
                 "bytes_gpu": st.get("bytes_gpu", 0), "bytes_cpu": st.get("bytes_cpu", 0),
                 "in_flight": st.get("in_flight", 0), "idle_s": st.get("idle_s"),
+                "sessions": st.get("sessions", 0),  # open realtime sessions holding this instance
                 "idle_timeout_s": policy.get("idle_timeout_s"),
                 "release_timeout_s": policy.get("release_timeout_s"),
                 "offload_after_use": policy.get("offload_after_use"),
@@ -70,7 +71,7 @@ def model_rows(
         rows.append(
             {
                 "model": m.id, "replica": None, "node": None, "gpu": None, "state": ModelState.UNLOADED.value,
-                "reason": "no replica", "since_s": None, "device": None, "bytes_gpu": 0, "bytes_cpu": 0,
+                "reason": "no replica", "since_s": None, "device": None, "bytes_gpu": 0, "bytes_cpu": 0, "sessions": 0,
                 "in_flight": 0, "idle_s": None, **policies[m.id], **dict.fromkeys(_TIMINGS), "last_error": None,
             }
         )

@@ -19,6 +19,7 @@ heartbeats and other requests while weights move.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -88,6 +89,8 @@ class Lifecycle:
         self.state: ModelState = S.UNLOADED
         self.seq = 0  # transitions so far: lets the router tell a stale report from a new one
         self.in_flight = 0
+        #: Open realtime sessions holding this instance resident (see `hold`).
+        self.residents = 0
         self.last_used_at = self.clock()
         self.since = self.last_used_at
         self.reason = "created"
@@ -114,6 +117,34 @@ class Lifecycle:
             yield
         finally:
             await self._release_lease()
+
+    @asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        """Keep the model resident for a long session (a realtime stream) without a lease.
+
+        A lease would make an admin offload or release wait for the session's end (minutes); a
+        hold makes them answer at once with "skipped", and keeps idle timeouts and evictions
+        away until the last hold ends, from which the idle time then counts. Entering loads or
+        restores the model like a request. The session's own work still takes leases.
+        """
+        await self._acquire()
+        self.residents += 1  # no await since the lease was taken: no offload can slip in between
+        try:
+            await self._release_lease()
+            self._usage_changed(force=True)
+            yield
+        finally:
+            self.residents -= 1
+            self.last_used_at = self.clock()
+            self._usage_changed(force=True)
+            if self.residents == 0 and self.in_flight == 0 and self.policy.offloads_after_use:
+                with contextlib.suppress(RuntimeError):
+                    self._after_use_task = asyncio.get_running_loop().create_task(self.offload("offload after use"))
+
+    def _resident_refusal(self) -> str | None:
+        if self.residents:
+            return f"skipped: {self.residents} open realtime session(s) keep the model resident"
+        return None
 
     async def _acquire(self) -> None:
         waited_on: int | None = None
@@ -174,9 +205,9 @@ class Lifecycle:
         if exc is not None and take_lease:
             raise exc
 
-    def _usage_changed(self) -> None:
+    def _usage_changed(self, force: bool = False) -> None:
         """Tell the observer when the model goes busy or idle (edges only, not every request)."""
-        if self.on_usage is not None and self.in_flight in (0, 1):
+        if self.on_usage is not None and (force or self.in_flight in (0, 1)):
             try:
                 self.on_usage(self.in_flight)
             except Exception:
@@ -190,6 +221,7 @@ class Lifecycle:
             self._cond.notify_all()
             after_use = (
                 self.in_flight == 0
+                and self.residents == 0
                 and self._waiters == 0
                 and self._pending is None
                 and self.policy.offloads_after_use
@@ -211,6 +243,8 @@ class Lifecycle:
         async with self._cond:
             while self._busy is not None:
                 await self._cond.wait()
+            if refusal := self._resident_refusal():
+                return refusal
             if self.state is not S.GPU:
                 return f"skipped: state is {self.state.value}"
             if self._pending is not None:
@@ -242,6 +276,8 @@ class Lifecycle:
         async with self._cond:
             while self._busy is not None or self._pending == "release":
                 await self._cond.wait()
+            if refusal := self._resident_refusal():
+                return refusal
             if self.state not in (S.GPU, S.CPU):
                 return f"skipped: state is {self.state.value}"
             if self._pending == "offload":
@@ -268,7 +304,7 @@ class Lifecycle:
     async def enforce_idle(self, now: float | None = None) -> str | None:
         """Apply this instance's own idle timeouts (used while the router is unreachable)."""
         now = self.clock() if now is None else now
-        if self.in_flight or self._busy or self.policy.pinned:
+        if self.in_flight or self.residents or self._busy or self.policy.pinned:
             return None
         idle = now - self.last_used_at
         if self.state is S.GPU and self.policy.idle_timeout_s is not None and idle >= self.policy.idle_timeout_s:
@@ -391,7 +427,7 @@ class Lifecycle:
         return idle
 
     def idle_s(self, now: float | None = None) -> float:
-        if self.in_flight:
+        if self.in_flight or self.residents:
             return 0.0
         return max(0.0, (self.clock() if now is None else now) - self.last_used_at)
 
@@ -407,6 +443,7 @@ class Lifecycle:
             "bytes_gpu": self.footprint.bytes_gpu,
             "bytes_cpu": self.footprint.bytes_cpu,
             "in_flight": self.in_flight,
+            "sessions": self.residents,
             "waiting": self._waiters,
             "idle_s": round(self.idle_s(now), 3),
             "idle_in_state_s": round(self.idle_in_state_s(now), 3),

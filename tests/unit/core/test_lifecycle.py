@@ -769,7 +769,7 @@ async def test_status_reports_state_reason_footprint_and_timings(
     lc = make(idle_timeout_s=60, release_timeout_s=600, priority=3)
     status = lc.status()
     assert set(status) == {
-        "model", "state", "seq", "reason", "since_s", "device", "bytes_gpu", "bytes_cpu", "in_flight",
+        "model", "state", "seq", "reason", "since_s", "device", "bytes_gpu", "bytes_cpu", "in_flight", "sessions",
         "waiting", "idle_s", "idle_in_state_s", "last_used_at", "idle_timeout_s", "release_timeout_s",
         "offload_after_use",
         "priority", "pinned", "last_load_s", "last_restore_s", "last_offload_s", "last_release_s",
