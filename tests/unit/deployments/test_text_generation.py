@@ -7,6 +7,7 @@ deterministic nonsense, which is what these tests compare.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -267,15 +268,34 @@ async def test_closing_a_stream_early_returns_the_lease(model_path: Path) -> Non
 async def test_cancelled_request_keeps_the_lease_until_generation_stops(model_path: Path) -> None:
     dep = bare_deployment(make_adapter(model_path))
     await dep.lifecycle.load()
-    task = asyncio.create_task(dep.generate(messages=CHAT, max_tokens=64, temperature=0))
-    while dep.lifecycle.in_flight == 0:
-        await asyncio.sleep(0.001)
-    offload = asyncio.create_task(dep.lifecycle.offload("test"))
-    await asyncio.sleep(0.05)
-    task.cancel()
-    assert not offload.done()  # queued: the generation thread still holds the model
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    # The third forward pass waits for the test, so generation is surely mid-way when the
+    # request is cancelled (on an idle machine 64 tokens took under the 50 ms the test waits).
+    gate, inside = threading.Event(), threading.Event()
+    calls = 0
+
+    def pause(*_: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            inside.set()
+            assert gate.wait(timeout=60), "the test never opened the gate"
+
+    hook = dep.adapter.model.model.register_forward_pre_hook(pause)
+    try:
+        task = asyncio.create_task(dep.generate(messages=CHAT, max_tokens=64, temperature=0))
+        while not inside.is_set():
+            await asyncio.sleep(0.001)
+        offload = asyncio.create_task(dep.lifecycle.offload("test"))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        assert not offload.done() and not task.done()  # the generation thread still holds the model
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        gate.set()
+        hook.remove()
     assert dep.lifecycle.in_flight == 0
     assert await offload == "offloaded: cpu"
 
