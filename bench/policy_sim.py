@@ -72,7 +72,7 @@ TICK_S = 1.0  # the router's tick_s
 NODE = "node-0"
 #: The defaults of `serve_app.config.ModelConfig` (idle_timeout_s, release_timeout_s).
 DEFAULT_TIMEOUTS = (300.0, 1800.0)
-HEADROOM = float(__import__("os").environ.get("SIM_HEADROOM", "1.2"))  # RouterConfig.headroom_factor
+HEADROOM = 1.2  # RouterConfig.headroom_factor
 
 
 @dataclass(frozen=True)
@@ -337,7 +337,7 @@ class GpuServe(Planner):
 
     def __init__(self, timeouts: tuple[float | None, float | None], max_loads: int = 1) -> None:
         self.name = "gpu-serve" if max_loads == 1 else f"gpu-serve@loads={max_loads}"
-        self.limits = PolicyLimits(max_loads_per_gpu=max_loads, **({"margin_fraction": 0.0, "margin_bytes": 0} if __import__("os").environ.get("SIM_NOMARGIN") else {}))
+        self.limits = PolicyLimits(max_loads_per_gpu=max_loads)
         self.idle_timeout_s, self.release_timeout_s = timeouts
         self.measured: dict[str, int] = {}
         self.decide_s: list[float] = []
@@ -562,7 +562,9 @@ class Timeout(Planner):
 # --- running ------------------------------------------------------------------------------------
 
 
-def planners(timeouts: tuple[float | None, float | None], loads: tuple[int, ...] = (1, 2)) -> list[Callable[[], Planner]]:
+def planners(
+    timeouts: tuple[float | None, float | None], loads: tuple[int, ...] = (1, 2)
+) -> list[Callable[[], Planner]]:
     out: list[Callable[[], Planner]] = [lambda n=n: GpuServe(timeouts, n) for n in loads]
     out += [LruBytes, lambda: Timeout(60.0), lambda: Timeout(600.0), LruCount, Gdsf, BeladySize]
     return out

@@ -1,7 +1,8 @@
 """A seeded synthetic request trace for `bench/policy_sim.py`.
 
-12 models of 1-20 GB with Zipf popularity (the three most popular among the smaller half), a diurnal cycle (one period over the trace), on/off
-bursts on three models, and periodic batch jobs on two: the shape a shared GPU pool sees when
+12 models of 1-20 GB with Zipf popularity (the three most popular among the smaller half),
+user sessions, a diurnal cycle (one period over the trace), on/off bursts on three models, and
+periodic batch jobs on two: the shape a shared GPU pool sees when
 interactive users, bursty integrations and cron jobs share it.
 
     .venv/bin/python bench/policy_trace.py --seed 1 --out bench/traces/seed1
@@ -31,7 +32,9 @@ class Model:
 
 
 def make_models(rng: random.Random, count: int = 12) -> list[Model]:
-    sizes = sorted(rng.uniform(1, 20) for _ in range(count))
+    # Log-uniform: as many 1-3 GB models as 7-20 GB ones, like a mixed fleet (speech, embeddings,
+    # small and large text models); 12 of them total about 75 GB.
+    sizes = sorted(math.exp(rng.uniform(0.0, math.log(20.0))) for _ in range(count))
     sizes[0], sizes[-1] = 1.0, 20.0  # the range's ends are always there
     # The three most popular models come from the smaller half and the rest are shuffled: a hot
     # set that fits, large models in the tail (with plain shuffling the hot set alone often did not

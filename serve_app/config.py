@@ -245,6 +245,14 @@ class RouterConfig(_Frozen):
         ),
     )
     request_timeout_s: float = Field(60.0, gt=0, description="A load waiting longer than this answers 503.")
+    trace_capacity: int = Field(
+        20000, ge=0, description="Request arrivals (and, apart, weight moves) the trace ring keeps; 0: no trace."
+    )
+    audit_window_s: float = Field(3600.0, gt=0, description="Sliding window of the policy self-audit.")
+    rate_tau_s: float = Field(300.0, gt=0, description="Time constant of each model's decayed request rate.")
+    cost_horizon_s: float = Field(
+        60.0, gt=0, description="How far ahead an eviction's expected reload seconds are counted."
+    )
     simulated_gpu_bytes: int = Field(16 * GiB, gt=0, description="Total of each simulated GPU (no NVML).")
     simulated_external_bytes: dict[str, int] = Field(
         default_factory=dict, description="Simulated use by other processes, per GPU id."

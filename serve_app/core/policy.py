@@ -238,6 +238,7 @@ class _Decision:
         #: at 64+ instances: the whole decision has a budget of well under a millisecond).
         self.expired: list[tuple[InstanceView, str]] = []
         host_held: dict[str, int] = {}
+        self.largest_on_gpu: dict[str, int] = {}  # per node: what one offload may need on its host
         for inst in snapshot.instances:
             key = (inst.model, inst.replica)
             self.instances[key] = inst
@@ -246,6 +247,8 @@ class _Decision:
                 self._check_idle(inst, key)
             if state in HOLDS_CPU:
                 host_held[inst.node] = host_held.get(inst.node, 0) + inst.bytes_cpu
+            if state is S.GPU and inst.bytes_gpu > self.largest_on_gpu.get(inst.node, 0):
+                self.largest_on_gpu[inst.node] = inst.bytes_gpu
             slot = self.gpus.get(inst.gpu) if inst.gpu is not None else None
             if slot is None or state not in HOLDS_GPU:
                 continue
@@ -350,8 +353,21 @@ class _Decision:
             if timeout is not None and idle >= timeout:
                 self.expired.append((inst, f"idle {idle:.1f}s >= release_timeout_s {timeout}"))
 
+    def _keep_despite_timeout(self, inst: InstanceView) -> bool:
+        """An expired timeout that would cost more than it frees is deferred (module doc, 2)."""
+        limits = self.limits
+        if limits.timeout_max_cost_s is None:
+            return False
+        if inst.state is S.CPU:
+            # Host RAM within the budget is there for the tier: release a copy only when the
+            # node's room is short of what an offload from one of its GPUs might need.
+            room = self.host_free.get(inst.node, 0)
+            return room >= self.largest_on_gpu.get(inst.node, 0)
+        offloaded = self.host_free.get(inst.node, 0) >= inst.bytes_gpu
+        return expected_cost_s(inst, limits, offloaded=offloaded) > limits.timeout_max_cost_s
+
     def idle_transitions(self) -> None:
-        expired = self.expired
+        expired = [e for e in self.expired if not self._keep_despite_timeout(e[0])]
         expired.sort(key=lambda e: (e[0].node, e[0].gpu or "", e[0].model, e[0].replica))
         for inst, reason in expired:
             if inst.state is S.CPU:

@@ -783,7 +783,7 @@ async def test_status_reports_state_reason_footprint_and_timings(
         "waiting", "idle_s", "idle_in_state_s", "last_used_at", "idle_timeout_s", "release_timeout_s",
         "offload_after_use",
         "priority", "pinned", "last_load_s", "last_restore_s", "last_offload_s", "last_release_s",
-        "last_error", "loads",
+        "last_error", "loads", "moves",
     }  # fmt: skip
     assert status["state"] == "unloaded" and status["reason"] == "created" and status["seq"] == 0
     assert status["last_load_s"] is None and status["last_error"] is None

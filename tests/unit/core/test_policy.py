@@ -454,9 +454,19 @@ def test_idle_offload_releases_when_the_host_budget_is_short() -> None:
 
 
 def test_idle_cpu_instance_is_released_at_its_timeout() -> None:
-    snap = world([inst("a", state=S.CPU, release=1800.0, idle=1.0)])
+    # The host budget (6 GiB, 4 held) is short of what offloading "big" (8 GiB) would need.
+    snap = world([inst("a", state=S.CPU, release=1800.0, idle=1.0), inst("big", 8, last_used=1e9)], budget={"n0": 6})
     assert decide(snap, 1799.0) == []
     assert released(decide(snap, 1800.0)) == ["a"]
+
+
+def test_release_timeout_waits_while_the_host_budget_has_room() -> None:
+    """Changed rule: host RAM within the budget is there for the tier; releasing a copy early
+    only turns its next restore into a cold load. With the old rule (None) it is released."""
+    instances = [inst("a", state=S.CPU, release=1800.0, idle=1.0), inst("big", 8, last_used=1e9)]
+    assert decide(world(instances, budget={"n0": 64}), 1800.0) == []
+    strict = replace(NO_MARGIN, timeout_max_cost_s=None)
+    assert released(decide(world(instances, budget={"n0": 64}, limits=strict), 1800.0)) == ["a"]
 
 
 def test_none_timeouts_never_fire() -> None:
