@@ -251,7 +251,7 @@ class RouterConfig(_Frozen):
     audit_window_s: float = Field(3600.0, gt=0, description="Sliding window of the policy self-audit.")
     rate_tau_s: float = Field(300.0, gt=0, description="Time constant of each model's decayed request rate.")
     cost_horizon_s: float = Field(
-        60.0, gt=0, description="How far ahead an eviction's expected reload seconds are counted."
+        10.0, gt=0, description="How far ahead an eviction's expected reload seconds are counted."
     )
     simulated_gpu_bytes: int = Field(16 * GiB, gt=0, description="Total of each simulated GPU (no NVML).")
     simulated_external_bytes: dict[str, int] = Field(

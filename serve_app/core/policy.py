@@ -52,7 +52,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from serve_app.core.cost import eviction_cost_s, guess_load_s, guess_restore_s
+from serve_app.core.cost import effective_rate_hz, eviction_cost_s, guess_load_s, guess_restore_s
 from serve_app.core.groups import group_members, place_group
 from serve_app.core.snapshot import (
     Action,
@@ -172,17 +172,18 @@ def reload_s(inst: InstanceView, *, offloaded: bool) -> float:
     return inst.load_s if inst.load_s is not None else guess_load_s(size)
 
 
-def expected_cost_s(inst: InstanceView, limits: PolicyLimits, *, offloaded: bool) -> float:
+def expected_cost_s(inst: InstanceView, limits: PolicyLimits, now: float, *, offloaded: bool) -> float:
     """Expected reload seconds evicting `inst` causes (`serve_app/core/cost.py`)."""
-    return eviction_cost_s(inst.request_rate_hz, reload_s(inst, offloaded=offloaded), limits.cost_horizon_s)
+    rate = effective_rate_hz(inst.request_rate_hz, now - inst.last_used_at)
+    return eviction_cost_s(rate, reload_s(inst, offloaded=offloaded), limits.cost_horizon_s)
 
 
 def eviction_order(
-    inst: InstanceView, limits: PolicyLimits, host_free: int
+    inst: InstanceView, limits: PolicyLimits, host_free: int, now: float
 ) -> tuple[int, float, float, str, str]:
     """Lowest priority first (a hard rule), then least expected reload seconds per byte freed,
     then least recently used (which is all that is left when no rates are known)."""
-    cost = expected_cost_s(inst, limits, offloaded=host_free >= inst.bytes_gpu)
+    cost = expected_cost_s(inst, limits, now, offloaded=host_free >= inst.bytes_gpu)
     return (inst.priority, cost / max(inst.bytes_gpu, 1), inst.last_used_at, inst.replica, inst.model)
 
 
@@ -269,7 +270,7 @@ class _Decision:
         host_free = self.host_free
         for slot in self.gpus.values():
             slot.free = _free(slot.view, slot.accounted, slot.reserved, slot.margin)
-            slot.evictable.sort(key=lambda i: eviction_order(i, limits, host_free.get(i.node, 0)))
+            slot.evictable.sort(key=lambda i: eviction_order(i, limits, host_free.get(i.node, 0), now))
 
     # --- evictions -----------------------------------------------------------------------
 
@@ -308,7 +309,7 @@ class _Decision:
     def _host_room(self, inst: InstanceView, short: int) -> list[InstanceView]:
         """CPU-tier copies on `inst`'s node to release so that `inst` can be offloaded, or [] when
         releasing `inst` itself is expected to cost less (or nothing can make the room)."""
-        limits = self.limits
+        limits, now = self.limits, self.now
         candidates = []
         for key, other in self.instances.items():
             if (
@@ -323,7 +324,8 @@ class _Decision:
                 or other.bytes_cpu <= 0
             ):
                 continue
-            extra = expected_cost_s(other, limits, offloaded=False) - expected_cost_s(other, limits, offloaded=True)
+            extra = expected_cost_s(other, limits, now, offloaded=False)
+            extra -= expected_cost_s(other, limits, now, offloaded=True)
             candidates.append((extra / other.bytes_cpu, other.last_used_at, other.replica, extra, other))
         candidates.sort(key=lambda c: c[:3])
         room, extra_total, chosen = 0, 0.0, []
@@ -335,8 +337,8 @@ class _Decision:
             extra_total += extra
         if room < short:
             return []
-        offload_cost = extra_total + expected_cost_s(inst, limits, offloaded=True)
-        if offload_cost < expected_cost_s(inst, limits, offloaded=False):
+        offload_cost = extra_total + expected_cost_s(inst, limits, now, offloaded=True)
+        if offload_cost < expected_cost_s(inst, limits, now, offloaded=False):
             return chosen
         return []
 
@@ -364,7 +366,7 @@ class _Decision:
             room = self.host_free.get(inst.node, 0)
             return room >= self.largest_on_gpu.get(inst.node, 0)
         offloaded = self.host_free.get(inst.node, 0) >= inst.bytes_gpu
-        return expected_cost_s(inst, limits, offloaded=offloaded) > limits.timeout_max_cost_s
+        return expected_cost_s(inst, limits, self.now, offloaded=offloaded) > limits.timeout_max_cost_s
 
     def idle_transitions(self) -> None:
         expired = [e for e in self.expired if not self._keep_despite_timeout(e[0])]
@@ -408,7 +410,8 @@ class _Decision:
                     freed -= inst.bytes_gpu
         host_free = self.host_free
         cost = sum(
-            expected_cost_s(i, self.limits, offloaded=host_free.get(i.node, 0) >= i.bytes_gpu) for i in evict
+            expected_cost_s(i, self.limits, self.now, offloaded=host_free.get(i.node, 0) >= i.bytes_gpu)
+            for i in evict
         )
         return _Plan(slot, evict, freed, available + freed, len(evict) >= excess, cost)
 

@@ -88,7 +88,7 @@ class PolicyLimits:
     #: Seconds of waiting that raise a pending request's effective priority by one.
     aging_s: float = 30.0
     #: How far ahead an eviction's expected reload cost is counted (`serve_app/core/cost.py`).
-    cost_horizon_s: float = 60.0
+    cost_horizon_s: float = 10.0
     #: Expired idle timeouts move a model down a tier only when that is cheap (see `decide`):
     #: a GPU copy whose expected reload seconds exceed this stays; a CPU copy is released only when
     #: the node's host budget is short. None: timeouts act unconditionally (the old rule).

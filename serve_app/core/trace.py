@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import statistics
 from collections import deque
 from collections.abc import Iterable
@@ -58,6 +59,8 @@ class TraceRing:
         self.moves: deque[Move] = deque(maxlen=capacity)
         #: Latest footprint seen per model (fills requests recorded before their first load).
         self.model_bytes: dict[str, int] = {}
+        #: The ring is complete from here on: the time of the newest record it had to drop.
+        self.complete_since = -math.inf
 
     def add_request(self, at: float, model: str, bytes_: int, duration_s: float) -> None:
         if self.capacity <= 0:
@@ -68,8 +71,12 @@ class TraceRing:
         record = RequestRecord(at, model, int(bytes_), max(0.0, duration_s))
         if self.requests and self.requests[-1].at > at:
             items = sorted([*self.requests, record], key=lambda r: r.at)
-            self.requests = deque(items[-self.capacity :], maxlen=self.capacity)
+            self.requests = deque(items, maxlen=self.capacity)
+            for dropped in items[: -self.capacity]:
+                self.complete_since = max(self.complete_since, dropped.at)
         else:
+            if len(self.requests) == self.capacity:
+                self.complete_since = max(self.complete_since, self.requests[0].at)
             self.requests.append(record)
 
     def add_move(self, at: float, model: str, kind: str, seconds: float, bytes_: int) -> None:
@@ -77,6 +84,8 @@ class TraceRing:
             return
         if bytes_ > 0:
             self.model_bytes[model] = bytes_
+        if len(self.moves) == self.capacity:
+            self.complete_since = max(self.complete_since, self.moves[0].at)
         self.moves.append(Move(at, model, kind, max(0.0, seconds), int(bytes_)))
 
     def _bytes(self, r: RequestRecord) -> int:
@@ -135,9 +144,7 @@ class TraceRing:
         Belady starts with what the live policy had on its GPUs when the window opened, so both
         count the same misses: those the window's own requests caused.
         """
-        since = now - window_s
-        if self.requests and self.requests[0].at > since:
-            since = self.requests[0].at  # the ring does not reach back that far
+        since = max(now - window_s, self.complete_since)  # not further back than the ring is whole
         requests = [(r.at, r.model, self._bytes(r)) for r in self.requests if r.at >= since]
         misses = sum(1 for m in self.moves if m.at >= since and m.kind in MISS_KINDS)
         return audit(requests, misses, capacity_bytes, max(0.0, now - since), self.resident_at(since))
