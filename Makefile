@@ -77,3 +77,8 @@ bench-overhead: install-test
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+
+# Trace-driven policy simulator: every committed trace, both scenarios; table and plot in bench/results/.
+.PHONY: bench-policy
+bench-policy: $(TEST_STAMP)
+	$(PY) bench/policy_sim.py --report bench/results

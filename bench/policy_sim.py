@@ -597,16 +597,116 @@ def simulate(
     return results
 
 
+# --- the report: every committed trace, both scenarios, the targets -----------------------------
+
+SCENARIOS = {
+    "1x48, no CPU tier": {"gpus": (1, 48.0), "host_gib": 0.0, "timeouts": "none"},
+    "2x24, 64 GiB host, default timeouts": {"gpus": (2, 24.0), "host_gib": 64.0, "timeouts": "default"},
+}
+ONLINE = ("lru-bytes", "timeout-60", "timeout-600", "lru-count-3", "gdsf")
+
+
+def _run_one(job: tuple[str, str, Path, Path]) -> tuple[str, str, dict[str, dict[str, float]], dict[str, list[float]]]:
+    scenario, name, trace_path, models_path = job
+    cfg = SCENARIOS[scenario]
+    curves: dict[str, list[float]] = {}
+    results = simulate(
+        read_models(models_path), read_trace(trace_path), cfg["gpus"], cfg["host_gib"], cfg["timeouts"],
+        curves=curves,
+    )
+    return scenario, name, results, curves
+
+
+def targets(scenario: str, r: dict[str, dict[str, float]]) -> list[tuple[str, bool]]:
+    """The issue's targets for one run, each with whether it is met."""
+    me, belady = r["gpu-serve"], r["belady-size"]
+    out = [("0 over-commits", me["overcommits"] == 0)]
+    if scenario.startswith("1x48"):
+        out.append(("cold loads <= 1.2x Belady-Size", me["cold_loads"] <= 1.2 * belady["cold_loads"]))
+        feasible = [n for n in ONLINE if r[n]["overcommits"] == 0]
+        out.append(("fewer cold loads than every online baseline without over-commits",
+                    all(me["cold_loads"] < r[n]["cold_loads"] for n in feasible)))
+        out.append(("fewer cold loads than every online baseline", all(me["cold_loads"] < r[n]["cold_loads"]
+                                                                       for n in ONLINE)))
+    else:
+        out.append(("GPU misses <= 1.2x Belady-Size", me["gpu_misses"] <= 1.2 * belady["gpu_misses"]))
+        out.append(("cold loads <= 20", me["cold_loads"] <= 20))
+        out.append(("lowest reload seconds of every policy",
+                    all(me["reload_s"] <= row["reload_s"] for n, row in r.items() if "reload_s" in row)))
+    return out
+
+
+def report(trace_dir: Path, out_dir: Path, workers: int = 2) -> int:
+    """Run every committed trace in both scenarios; write the markdown table and the plot."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    pairs = sorted(trace_dir.glob("*.trace.csv"))
+    if not pairs:
+        raise SystemExit(f"no *.trace.csv in {trace_dir}; generate some with bench/policy_trace.py")
+    jobs = [
+        (sc, p.name.removesuffix(".trace.csv"), p, p.with_name(p.name.replace(".trace.csv", ".models.csv")))
+        for sc in SCENARIOS for p in pairs
+    ]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        done = list(pool.map(_run_one, jobs))
+    lines = ["# Policy simulator results", "", f"`make bench-policy`, traces from `{trace_dir}`.", ""]
+    missed = 0
+    for scenario, name, results, _ in done:
+        lines += [f"## {name}: {scenario}", "", table(results), ""]
+        for label, ok in targets(scenario, results):
+            lines.append(f"- {'met' if ok else 'MISSED'}: {label}")
+            missed += not ok
+        if "decide_p99_ms" in results["gpu-serve"]:
+            lines.append(f"- decide() p99 on this run's snapshots: {results['gpu-serve']['decide_p99_ms']} ms")
+        lines.append("")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = out_dir / "policy_sim.md"
+    md.write_text("\n".join(lines))
+    print("\n".join(lines))
+    png = out_dir / "policy_misses.png"
+    plot(done, png)
+    print(f"wrote {md} and {png}")
+    return 1 if missed else 0
+
+
+def plot(done: list[tuple[str, str, dict[str, dict[str, float]], dict[str, list[float]]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(SCENARIOS), len(done) // len(SCENARIOS), figsize=(15, 8), squeeze=False)
+    per_row = len(done) // len(SCENARIOS)
+    for k, (scenario, name, _, curves) in enumerate(done):
+        ax = axes[k // per_row][k % per_row]
+        for policy, times in curves.items():
+            ax.plot([t / 3600 for t in times], range(1, len(times) + 1), label=policy,
+                    linewidth=2.2 if policy == "gpu-serve" else 1.0)
+        ax.set_title(f"{name}: {scenario}", fontsize=9)
+        ax.set_xlabel("hours")
+        ax.set_ylabel("cumulative GPU misses")
+        ax.set_yscale("log")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trace", type=Path, required=True, help="CSV time_s,model,bytes,duration_s")
-    ap.add_argument("--models", type=Path, required=True, help="CSV model,bytes,cold_load_s,restore_s")
+    ap.add_argument("--trace", type=Path, help="CSV time_s,model,bytes,duration_s")
+    ap.add_argument("--models", type=Path, help="CSV model,bytes,cold_load_s,restore_s")
+    ap.add_argument("--report", type=Path, help="run every trace in --trace-dir, both scenarios; write here")
+    ap.add_argument("--trace-dir", type=Path, default=ROOT / "bench" / "traces")
     ap.add_argument("--gpus", default="1x48", help="COUNTxGIB, e.g. 2x24")
     ap.add_argument("--host-gib", type=float, default=0.0, help="host-RAM tier in GiB; 0: none")
     ap.add_argument("--timeouts", choices=("default", "none"), default="default")
     ap.add_argument("--max-loads", default="1,2", help="max_loads_per_gpu values to run gpu-serve with")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.report is not None:
+        return report(args.trace_dir, args.report)
+    if args.trace is None or args.models is None:
+        ap.error("--trace and --models are required (or --report DIR)")
     specs = read_models(args.models)
     trace = read_trace(args.trace)
     loads = tuple(int(x) for x in args.max_loads.split(","))

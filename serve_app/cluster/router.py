@@ -120,6 +120,11 @@ class Router:
 
     async def register(self, info: dict[str, Any]) -> dict[str, Any]:
         self._ingest(info)
+        # Its move counters as of now: later increments are this trace's (a first load may finish
+        # before the next tick looks).
+        moves = info["status"].get("moves")
+        if isinstance(moves, dict):
+            self._moves_seen.setdefault(info["replica"], dict(moves))
         self.registry.register(info)
         self._wake.set()
         return self.policies.get(info["model"], {})
