@@ -335,9 +335,13 @@ class Planner:
 class GpuServe(Planner):
     """Runs `decide(snapshot, now)` and carries out its actions, as the router does."""
 
-    def __init__(self, timeouts: tuple[float | None, float | None], max_loads: int = 1) -> None:
-        self.name = "gpu-serve" if max_loads == 1 else f"gpu-serve@loads={max_loads}"
+    def __init__(
+        self, timeouts: tuple[float | None, float | None], max_loads: int = 1, headroom: float = HEADROOM,
+        suffix: str = "",
+    ) -> None:
+        self.name = ("gpu-serve" if max_loads == 1 else f"gpu-serve@loads={max_loads}") + suffix
         self.limits = PolicyLimits(max_loads_per_gpu=max_loads)
+        self.headroom = headroom
         self.idle_timeout_s, self.release_timeout_s = timeouts
         self.measured: dict[str, int] = {}
         self.decide_s: list[float] = []
@@ -373,7 +377,7 @@ class GpuServe(Planner):
         for model, inst in sim.pending.items():
             kind = "load" if inst.state is S.UNLOADED else "restore"
             need = inst.spec.bytes if kind == "restore" else estimate_need_bytes(
-                self.measured.get(model), inst.spec.bytes, None, HEADROOM, 1.3
+                self.measured.get(model), inst.spec.bytes, None, self.headroom, 1.3
             )
             assert need is not None and inst.pending_since is not None
             pending.append(
@@ -566,6 +570,10 @@ def planners(
     timeouts: tuple[float | None, float | None], loads: tuple[int, ...] = (1, 2)
 ) -> list[Callable[[], Planner]]:
     out: list[Callable[[], Planner]] = [lambda n=n: GpuServe(timeouts, n) for n in loads]
+    # What the router's safety knobs cost: its headroom_factor on loads, and the idle timeouts.
+    out.append(lambda: GpuServe(timeouts, headroom=1.0, suffix="@headroom=1.0"))
+    if timeouts != (None, None):
+        out.append(lambda: GpuServe((None, None), suffix="@timeouts=none"))
     out += [LruBytes, lambda: Timeout(60.0), lambda: Timeout(600.0), LruCount, Gdsf, BeladySize]
     return out
 

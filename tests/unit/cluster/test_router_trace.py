@@ -7,7 +7,7 @@ import io
 from typing import Any
 
 from serve_app.cluster.router import Router
-from tests.unit.cluster.test_router import MiB, FakeClock, app, info, reading
+from tests.unit.cluster.test_router import FakeClock, MiB, app, info, reading
 
 
 def moves_info(replica: str, model: str, state: str, moves: dict[str, int], requests: list[Any] | None = None,
