@@ -41,7 +41,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,6 +144,7 @@ class Sim:
         trace: list[tuple[float, str, int, float]],
         gpus: tuple[int, float],
         host_gib: float,
+        margin_bytes: int | None = None,
     ) -> None:
         missing = sorted({m for _, m, _, _ in trace} - set(specs))
         if missing:
@@ -152,6 +153,8 @@ class Sim:
         self.trace = trace
         self.gpu_total = {f"GPU-{i}": int(gpus[1] * GiB) for i in range(gpus[0])}
         self.host_bytes = int(host_gib * GiB)
+        #: The policy's safety margin per GPU; None: the router's defaults (5%, at least 512 MiB).
+        self.margin_bytes = margin_bytes
         self.insts = {m: Inst(s) for m, s in specs.items()}
         self.now = 0.0
         self._events: list[tuple[float, int, str, object]] = []
@@ -179,6 +182,12 @@ class Sim:
                 total += i.spec.bytes
             total += i.releasing_gpu
         return total
+
+    def margin(self, gpu: str) -> int:
+        if self.margin_bytes is not None:
+            return self.margin_bytes
+        size = self.gpu_total[gpu]
+        return max(int(0.05 * size), 512 * 1024**2)
 
     def host_held(self) -> int:
         return sum(i.spec.bytes for i in self.insts.values() if i.state in (S.CPU, S.OFFLOADING, S.RESTORING))
@@ -348,6 +357,8 @@ class GpuServe(Planner):
 
     def snapshot(self, sim: Sim) -> Snapshot:
         now = sim.now
+        if sim.margin_bytes is not None and self.limits.margin_bytes != sim.margin_bytes:
+            self.limits = replace(self.limits, margin_fraction=0.0, margin_bytes=sim.margin_bytes)
         gpus = []
         for i, (uuid, total) in enumerate(sim.gpu_total.items()):
             # A simulated GPU reads what the router accounts as resident (gpu, offloading).
@@ -431,7 +442,7 @@ class RankPlanner(Planner):
             fits, freeing_enough, plans = None, False, []
             for g, size in sim.gpu_total.items():
                 # The same usable capacity as gpu-serve: the GPU less the policy's safety margin.
-                total = size - max(int(0.05 * size), 512 * 1024**2)
+                total = size - sim.margin(g)
                 if g in claimed:
                     continue
                 residents = [
@@ -586,13 +597,14 @@ def simulate(
     timeouts: str = "default",
     loads: tuple[int, ...] = (1, 2),
     curves: dict[str, list[float]] | None = None,
+    margin_bytes: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Every policy over one trace; `curves` (if given) receives each policy's miss times."""
     to = DEFAULT_TIMEOUTS if timeouts == "default" else (None, None)
     results: dict[str, dict[str, float]] = {}
     for make in planners(to, loads):
         planner = make()
-        sim = Sim(specs, trace, gpus, host_gib)
+        sim = Sim(specs, trace, gpus, host_gib, margin_bytes)
         results[planner.name] = sim.run(planner)
         if isinstance(planner, GpuServe) and planner.decide_s:
             d = sorted(planner.decide_s)
@@ -600,6 +612,7 @@ def simulate(
         if curves is not None:
             curves[planner.name] = sim.miss_times
     capacity = gpus[0] * int(gpus[1] * GiB)
+    capacity -= sum(Sim(specs, [], gpus, 0, margin_bytes).margin(g) for g in sim.gpu_total)
     bound = belady_lower_bound([(t, m, specs[m].bytes) for t, m, _, _ in trace], capacity)
     results["pfoo-lower"] = {"gpu_misses": bound}
     return results
@@ -709,6 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host-gib", type=float, default=0.0, help="host-RAM tier in GiB; 0: none")
     ap.add_argument("--timeouts", choices=("default", "none"), default="default")
     ap.add_argument("--max-loads", default="1,2", help="max_loads_per_gpu values to run gpu-serve with")
+    ap.add_argument("--margin-mib", type=float, help="safety margin per GPU; default: the router's (5%%, >= 512 MiB)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.report is not None:
@@ -718,7 +732,8 @@ def main(argv: list[str] | None = None) -> int:
     specs = read_models(args.models)
     trace = read_trace(args.trace)
     loads = tuple(int(x) for x in args.max_loads.split(","))
-    results = simulate(specs, trace, parse_gpus(args.gpus), args.host_gib, args.timeouts, loads)
+    margin = None if args.margin_mib is None else int(args.margin_mib * 1024**2)
+    results = simulate(specs, trace, parse_gpus(args.gpus), args.host_gib, args.timeouts, loads, margin_bytes=margin)
     if args.json:
         print(json.dumps({"policies": results}, indent=2))
     else:

@@ -364,9 +364,16 @@ class Router:
         """
         if self._audit is not None and now - self._audit[0] < max_age_s:
             return self._audit[1]
-        capacity = sum(max(0, g.total_bytes - margin_bytes(g, self.limits)) for g in self._gpu_views())
-        doc = self.trace.audit(now, self.config.router.audit_window_s, capacity).as_dict()
-        doc["capacity_bytes"] = capacity
+        usable = {g.uuid: max(0, g.total_bytes - margin_bytes(g, self.limits)) for g in self._gpu_views()}
+        # Each model on the GPU of its (first) replica: Belady gets the same placement, not a pool.
+        placed: dict[str, set[str]] = {}
+        for _, rec in sorted(self.replicas.items()):
+            if rec.gpu in usable and not any(rec.model in ms for ms in placed.values()):
+                placed.setdefault(rec.gpu, set()).add(rec.model)
+        groups = [(usable[gpu], models) for gpu, models in sorted(placed.items())]
+        capacity = sum(usable.values())
+        doc = self.trace.audit(now, self.config.router.audit_window_s, capacity, groups).as_dict()
+        doc["capacity_bytes"] = sum(usable[gpu] for gpu in placed) if placed else capacity
         self._audit = (now, doc)
         return doc
 

@@ -17,7 +17,7 @@ import io
 import math
 import statistics
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from serve_app.core.audit import PolicyAudit, audit
@@ -138,13 +138,29 @@ class TraceRing:
                 on.pop(m.model, None)
         return list(on)
 
-    def audit(self, now: float, window_s: float, capacity_bytes: int) -> PolicyAudit:
+    def audit(
+        self, now: float, window_s: float, capacity_bytes: int, groups: Sequence[tuple[int, Iterable[str]]] = ()
+    ) -> PolicyAudit:
         """The live misses of the last `window_s` against Belady-Size's on the same requests.
 
         Belady starts with what the live policy had on its GPUs when the window opened, so both
-        count the same misses: those the window's own requests caused.
+        count the same misses: those the window's own requests caused. `groups` splits the models
+        by the GPU their replicas were given, `(capacity, models)` each: a replica cannot use
+        another GPU, so neither may Belady; models in no group share `capacity_bytes`.
         """
         since = max(now - window_s, self.complete_since)  # not further back than the ring is whole
         requests = [(r.at, r.model, self._bytes(r)) for r in self.requests if r.at >= since]
         misses = sum(1 for m in self.moves if m.at >= since and m.kind in MISS_KINDS)
-        return audit(requests, misses, capacity_bytes, max(0.0, now - since), self.resident_at(since))
+        resident = self.resident_at(since)
+        window = max(0.0, now - since)
+        grouped: set[str] = set()
+        belady = 0
+        for capacity, models in groups:
+            names = set(models) - grouped
+            grouped |= names
+            part = [r for r in requests if r[1] in names]
+            belady += audit(part, 0, capacity, window, [m for m in resident if m in names]).belady_misses
+        rest = [r for r in requests if r[1] not in grouped]
+        if rest or not groups:
+            belady += audit(rest, 0, capacity_bytes, window, [m for m in resident if m not in grouped]).belady_misses
+        return PolicyAudit(window, misses, belady, len(requests))
