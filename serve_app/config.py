@@ -249,7 +249,7 @@ class RouterConfig(_Frozen):
         20000, ge=0, description="Request arrivals (and, apart, weight moves) the trace ring keeps; 0: no trace."
     )
     audit_window_s: float = Field(3600.0, gt=0, description="Sliding window of the policy self-audit.")
-    rate_tau_s: float = Field(300.0, gt=0, description="Time constant of each model's decayed request rate.")
+    rate_tau_s: float = Field(60.0, gt=0, description="Time constant of each model's decayed request rate.")
     cost_horizon_s: float = Field(
         10.0, gt=0, description="How far ahead an eviction's expected reload seconds are counted."
     )

@@ -12,8 +12,10 @@ The rate is the model's decayed request rate (:class:`DecayedRate`: each arrival
 the sum decays with time constant ``tau``), capped by ``1/idle`` (:func:`effective_rate_hz`):
 traffic comes in sessions, and a model idle for ``t`` seconds is unlikely to be asked again
 within much less than ``t``. Measured with `bench/policy_sim.py` on `bench/traces/seed1` (two
-24 GiB GPUs, 64 GiB host tier, no timeouts): the decayed rate alone made 360 GPU misses, capped by
-``1/idle`` 254; a 600 s horizon 347 and a 10 s horizon 221 (LRU by bytes: 236; Belady-Size: 195).
+24 GiB GPUs, 64 GiB host tier, no timeouts; LRU by bytes: 236 GPU misses, Belady-Size: 195): the
+decayed rate alone (tau 300 s, 60 s horizon) made 360, capped by ``1/idle`` 254; with the cap, a
+10 s horizon 237, and tau 60 s 219 (tau 3600 s: 231). One 48 GiB GPU without a CPU tier: tau 60 s
+244 cold loads, tau 300 s 254.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ __all__ = [
 
 GiB = 1024**3
 #: Time constant of the request-rate estimate.
-DEFAULT_TAU_S = 300.0
+DEFAULT_TAU_S = 60.0
 #: How far ahead an eviction's cost is counted.
 DEFAULT_HORIZON_S = 10.0
 
