@@ -80,3 +80,14 @@ def test_ring_audit_counts_the_window_and_starts_belady_where_the_live_policy_wa
     assert (result.gpu_misses, result.belady_misses, result.requests) == (1, 3, 4)
     assert result.window_s == 15.0
     assert TraceRing(0).requests_csv().strip() == ",".join(TRACE_HEADER)
+
+
+def test_ring_audit_places_belady_on_the_gpus_the_replicas_were_given() -> None:
+    """Two 1 GB models alternating: pooled (2 GB) Belady keeps both; on one 1 GB GPU each it does
+    too; sharing one 1 GB GPU every switch misses."""
+    ring = TraceRing(capacity=100)
+    for i in range(6):
+        ring.add_request(float(i), "a" if i % 2 == 0 else "b", GB, 0.1)
+    assert ring.audit(10.0, 60.0, 2 * GB).belady_misses == 2
+    assert ring.audit(10.0, 60.0, 2 * GB, groups=[(GB, {"a"}), (GB, {"b"})]).belady_misses == 2
+    assert ring.audit(10.0, 60.0, 2 * GB, groups=[(GB, {"a", "b"})]).belady_misses == 6
