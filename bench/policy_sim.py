@@ -346,10 +346,10 @@ class GpuServe(Planner):
 
     def __init__(
         self, timeouts: tuple[float | None, float | None], max_loads: int = 1, headroom: float = HEADROOM,
-        suffix: str = "",
+        suffix: str = "", timeout_max_cost_s: float | None = None,
     ) -> None:
         self.name = ("gpu-serve" if max_loads == 1 else f"gpu-serve@loads={max_loads}") + suffix
-        self.limits = PolicyLimits(max_loads_per_gpu=max_loads)
+        self.limits = PolicyLimits(max_loads_per_gpu=max_loads, timeout_max_cost_s=timeout_max_cost_s)
         self.headroom = headroom
         self.idle_timeout_s, self.release_timeout_s = timeouts
         self.measured: dict[str, int] = {}
@@ -585,6 +585,7 @@ def planners(
     out.append(lambda: GpuServe(timeouts, headroom=1.0, suffix="@headroom=1.0"))
     if timeouts != (None, None):
         out.append(lambda: GpuServe((None, None), suffix="@timeouts=none"))
+        out.append(lambda: GpuServe(timeouts, suffix="@timeout_max_cost_s=0.1", timeout_max_cost_s=0.1))
     out += [LruBytes, lambda: Timeout(60.0), lambda: Timeout(600.0), LruCount, Gdsf, BeladySize]
     return out
 

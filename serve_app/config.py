@@ -250,6 +250,13 @@ class RouterConfig(_Frozen):
     )
     audit_window_s: float = Field(3600.0, gt=0, description="Sliding window of the policy self-audit.")
     rate_tau_s: float = Field(60.0, gt=0, description="Time constant of each model's decayed request rate.")
+    timeout_max_cost_s: float | None = Field(
+        None, gt=0,
+        description=(
+            "Opt-in: an expired idle_timeout_s waits while the model's expected reload seconds exceed this, and "
+            "release_timeout_s acts only when the node's host budget is short; null: timeouts act as configured."
+        ),
+    )
     cost_horizon_s: float = Field(
         10.0, gt=0, description="How far ahead an eviction's expected reload seconds are counted."
     )

@@ -74,6 +74,7 @@ class Router:
             max_models_per_gpu=rc.max_models_per_gpu,
             aging_s=rc.aging_s,
             cost_horizon_s=rc.cost_horizon_s,
+            timeout_max_cost_s=rc.timeout_max_cost_s,
         )
         self.policies: dict[str, dict[str, Any]] = {
             m.id: {

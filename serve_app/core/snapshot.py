@@ -89,10 +89,10 @@ class PolicyLimits:
     aging_s: float = 30.0
     #: How far ahead an eviction's expected reload cost is counted (`serve_app/core/cost.py`).
     cost_horizon_s: float = 10.0
-    #: Expired idle timeouts move a model down a tier only when that is cheap (see `decide`):
-    #: a GPU copy whose expected reload seconds exceed this stays; a CPU copy is released only when
-    #: the node's host budget is short. None: timeouts act unconditionally (the old rule).
-    timeout_max_cost_s: float | None = 0.1
+    #: Opt-in: expired idle timeouts move a model down a tier only when that is cheap (see
+    #: `decide`): a GPU copy whose expected reload seconds exceed this stays; a CPU copy is released
+    #: only when the node's host budget is short. None (default): timeouts act as configured.
+    timeout_max_cost_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
