@@ -699,16 +699,19 @@ def plot(done: list[tuple[str, str, dict[str, dict[str, float]], dict[str, list[
 
     fig, axes = plt.subplots(len(SCENARIOS), len(done) // len(SCENARIOS), figsize=(15, 8), squeeze=False)
     per_row = len(done) // len(SCENARIOS)
+    names = sorted({p for _, _, _, curves in done for p in curves})
+    colors = {p: plt.get_cmap("tab20")(i % 20) for i, p in enumerate(names)}  # one colour per policy
     for k, (scenario, name, _, curves) in enumerate(done):
         ax = axes[k // per_row][k % per_row]
         for policy, times in curves.items():
-            ax.plot([t / 3600 for t in times], range(1, len(times) + 1), label=policy,
+            ax.plot([t / 3600 for t in times], range(1, len(times) + 1), label=policy, color=colors[policy],
                     linewidth=2.2 if policy == "gpu-serve" else 1.0)
         ax.set_title(f"{name}: {scenario}", fontsize=9)
         ax.set_xlabel("hours")
         ax.set_ylabel("cumulative GPU misses")
         ax.set_yscale("log")
-    axes[0][0].legend(fontsize=7)
+    for row in axes:
+        row[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
