@@ -12,6 +12,7 @@ latest footprint seen for that model.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import io
 import math
@@ -50,12 +51,17 @@ class Move:
     bytes: int
 
 
+def _at(record: RequestRecord) -> float:
+    return record.at
+
+
 class TraceRing:
     """The last `capacity` request arrivals and the last `capacity` moves."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.requests: deque[RequestRecord] = deque(maxlen=capacity)
+        #: Sorted by arrival: replicas report a little after the fact and not in order.
+        self.requests: list[RequestRecord] = []
         self.moves: deque[Move] = deque(maxlen=capacity)
         #: Latest footprint seen per model (fills requests recorded before their first load).
         self.model_bytes: dict[str, int] = {}
@@ -67,17 +73,14 @@ class TraceRing:
             return
         if bytes_ > 0:
             self.model_bytes[model] = bytes_
-        # Replicas report a little after the fact and not in order: keep the ring sorted.
         record = RequestRecord(at, model, int(bytes_), max(0.0, duration_s))
         if self.requests and self.requests[-1].at > at:
-            items = sorted([*self.requests, record], key=lambda r: r.at)
-            self.requests = deque(items, maxlen=self.capacity)
-            for dropped in items[: -self.capacity]:
-                self.complete_since = max(self.complete_since, dropped.at)
+            bisect.insort(self.requests, record, key=_at)  # a memmove, not a sort of the ring
         else:
-            if len(self.requests) == self.capacity:
-                self.complete_since = max(self.complete_since, self.requests[0].at)
             self.requests.append(record)
+        if len(self.requests) > self.capacity:
+            dropped = self.requests.pop(0)
+            self.complete_since = max(self.complete_since, dropped.at)
 
     def add_move(self, at: float, model: str, kind: str, seconds: float, bytes_: int) -> None:
         if self.capacity <= 0:
