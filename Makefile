@@ -87,3 +87,9 @@ bench-realtime: install-test
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+
+# Trace-driven policy simulator: every committed trace, both scenarios; table and plot in bench/results/;
+# exits 1 when one of the issue-12 targets is missed.
+.PHONY: bench-policy
+bench-policy: $(TEST_STAMP)
+	$(PY) bench/policy_sim.py --report bench/results

@@ -64,6 +64,10 @@ def build_snapshot(seed: int = 7, gpus: int = 8, instances: int = 64, pending: i
                 idle_timeout_s=rng.choice([None, 300.0, 600.0]),
                 release_timeout_s=rng.choice([None, 1800.0]),
                 pinned=rng.random() < 0.1,
+                # The router's per-model statistics, so the expected-cost ranking runs in full.
+                request_rate_hz=rng.choice([0.0, 0.001, 0.01, 0.1, 1.0]),
+                load_s=rng.choice([None, 2.0, 20.0]),
+                restore_s=rng.choice([None, 0.1, 1.0]),
             )
         )
     # Probe readings: ours plus a little from other processes.

@@ -262,6 +262,21 @@ class RouterConfig(_Frozen):
         ),
     )
     request_timeout_s: float = Field(60.0, gt=0, description="A load waiting longer than this answers 503.")
+    trace_capacity: int = Field(
+        20000, ge=0, description="Request arrivals (and, apart, weight moves) the trace ring keeps; 0: no trace."
+    )
+    audit_window_s: float = Field(3600.0, gt=0, description="Sliding window of the policy self-audit.")
+    rate_tau_s: float = Field(60.0, gt=0, description="Time constant of each model's decayed request rate.")
+    timeout_max_cost_s: float | None = Field(
+        None, gt=0,
+        description=(
+            "Opt-in: an expired idle_timeout_s waits while the model's expected reload seconds exceed this, and "
+            "release_timeout_s acts only when the node's host budget is short; null: timeouts act as configured."
+        ),
+    )
+    cost_horizon_s: float = Field(
+        10.0, gt=0, description="How far ahead an eviction's expected reload seconds are counted."
+    )
     simulated_gpu_bytes: int = Field(16 * GiB, gt=0, description="Total of each simulated GPU (no NVML).")
     simulated_external_bytes: dict[str, int] = Field(
         default_factory=dict, description="Simulated use by other processes, per GPU id."

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Body, Depends
+from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.api.context import Context, get_context
@@ -48,6 +49,22 @@ async def gpu_status(ctx: Context = Depends(get_context)) -> dict[str, Any]:
             row["state"], row["reason"] = "unschedulable", ctx.unschedulable[row["model"]]
     doc["unschedulable"] = dict(ctx.unschedulable)
     return doc
+
+
+@router.get("/trace", response_class=PlainTextResponse)
+async def gpu_trace(ctx: Context = Depends(get_context)) -> PlainTextResponse:
+    """The router's recorded requests as the simulator's trace CSV (`time_s,model,bytes,duration_s`):
+    replay them with `bench/policy_sim.py --trace` against other timeouts and budgets."""
+    body = await call_router(ctx, "trace_csv")
+    return PlainTextResponse(body, media_type="text/csv")
+
+
+@router.get("/trace/models", response_class=PlainTextResponse)
+async def gpu_trace_models(ctx: Context = Depends(get_context)) -> PlainTextResponse:
+    """The models seen in the trace with their sizes and measured load and restore seconds
+    (`model,bytes,cold_load_s,restore_s`): the simulator's `--models` file."""
+    body = await call_router(ctx, "trace_models_csv")
+    return PlainTextResponse(body, media_type="text/csv")
 
 
 async def _command(ctx: Context, kind: str, model: str | None, params: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -102,6 +102,7 @@ class RouterLink:
         if self._adapter is not None:
             with contextlib.suppress(Exception):
                 weights = self._adapter.weights_bytes()
+        now = self._lifecycle.clock()
         return {
             "replica": self.replica_id,
             "model": self.config.id,
@@ -110,6 +111,9 @@ class RouterLink:
             "declared_bytes": self.config.vram_bytes,
             "weights_bytes": weights,
             "status": self._lifecycle.status(),
+            # For the router's trace ring, as ages (its clock is not this process's): taken once,
+            # so every report carries each request exactly once.
+            "requests": [(round(now - at, 4), round(held, 4)) for at, held in self._lifecycle.take_requests()],
         }
 
     def on_transition(self, event: TransitionEvent) -> None:

@@ -28,6 +28,13 @@ class RouterMetrics:
             "gpu_serve_admission_wait_seconds", "Time a load waited for GPU memory",
             boundaries=[0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60], tag_keys=("model",),
         )
+        self.audit_misses = Gauge(
+            "gpu_serve_policy_audit_gpu_misses", "GPU misses (loads + restores) in the audit window"
+        )
+        self.audit_belady = Gauge(
+            "gpu_serve_policy_audit_belady_misses", "Belady-Size's misses on the same requests and capacity"
+        )
+        self.audit_ratio = Gauge("gpu_serve_policy_audit_ratio", "Live GPU misses over Belady-Size's")
 
     def observe(self, status: dict[str, Any]) -> None:
         for g in status["gpus"]:
@@ -47,3 +54,9 @@ class RouterMetrics:
             for state in STATES:
                 self.instances.set(counts.get((model, state), 0), {"model": model, "state": state})
         self.queue.set(len(status["queue"]))
+        audit = status.get("policy_audit")
+        if audit:
+            self.audit_misses.set(audit["gpu_misses"])
+            self.audit_belady.set(audit["belady_misses"])
+            if audit.get("ratio") is not None:
+                self.audit_ratio.set(audit["ratio"])

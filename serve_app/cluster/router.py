@@ -26,7 +26,8 @@ from serve_app.cluster.names import ROUTER_NAME
 from serve_app.cluster.readings import GpuReadings
 from serve_app.cluster.registry import ReplicaRecord, ReplicaRegistry
 from serve_app.config import AppConfig
-from serve_app.core.policy import decide, estimate_need_bytes
+from serve_app.core.cost import DecayedRate
+from serve_app.core.policy import decide, estimate_need_bytes, margin_bytes
 from serve_app.core.snapshot import (
     Admit,
     GpuView,
@@ -40,6 +41,7 @@ from serve_app.core.snapshot import (
     Wait,
 )
 from serve_app.core.states import ModelState
+from serve_app.core.trace import TraceRing
 
 logger = logging.getLogger("serve_app.cluster.router")
 
@@ -71,6 +73,8 @@ class Router:
             max_loads_per_gpu=rc.max_loads_per_gpu,
             max_models_per_gpu=rc.max_models_per_gpu,
             aging_s=rc.aging_s,
+            cost_horizon_s=rc.cost_horizon_s,
+            timeout_max_cost_s=rc.timeout_max_cost_s,
         )
         self.policies: dict[str, dict[str, Any]] = {
             m.id: {
@@ -92,6 +96,12 @@ class Router:
         self._wake = asyncio.Event()
         self.started_at = clock()
         self.ticks = 0
+        #: Request arrivals and weight moves (`GET /gpu/trace`), and what the policy learns from them.
+        self.trace = TraceRing(rc.trace_capacity)
+        self.rates = DecayedRate(rc.rate_tau_s)
+        self.measured_s: dict[str, dict[str, float]] = {}  # model -> {"load"|"restore": last seconds}
+        self._moves_seen: dict[str, dict[str, int]] = {}  # replica -> its lifecycle's move counters
+        self._audit: tuple[float, dict[str, Any]] | None = None
         self._probes: dict[str, Any] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.metrics: Any = None
@@ -110,6 +120,12 @@ class Router:
     # --- registration and commands (called by replicas) -------------------------------------
 
     async def register(self, info: dict[str, Any]) -> dict[str, Any]:
+        self._ingest(info)
+        # Its move counters as of now: later increments are this trace's (a first load may finish
+        # before the next tick looks).
+        moves = info["status"].get("moves")
+        if isinstance(moves, dict):
+            self._moves_seen.setdefault(info["replica"], dict(moves))
         self.registry.register(info)
         self._wake.set()
         return self.policies.get(info["model"], {})
@@ -119,6 +135,7 @@ class Router:
             self._wake.set()
 
     async def heartbeat(self, info: dict[str, Any]) -> bool:
+        self._ingest(info)
         rec = self.replicas.get(info["replica"])
         if rec is None:
             return False
@@ -140,6 +157,7 @@ class Router:
 
     async def admit(self, info: dict[str, Any], request_id: str, kind: str, timeout_s: float) -> dict[str, Any]:
         """Wait until the policy admits this load or restore, at most `timeout_s`."""
+        self._ingest(info)
         rid = info["replica"]
         if rid not in self.replicas:
             await self.register(info)
@@ -195,6 +213,7 @@ class Router:
         Each member of the group asks from its own replica; the policy (`core/groups.py`) decides
         them as one once all `size` have asked. A group that can never fit is answered at once.
         """
+        self._ingest(info)
         rid = info["replica"]
         if rid not in self.replicas:
             await self.register(info)
@@ -234,6 +253,7 @@ class Router:
     async def release_hold(self, info: dict[str, Any]) -> None:
         """The member took its lease: its in-flight count (in `info`, updated with the same call,
         so no heartbeat can lag behind) protects it from here on."""
+        self._ingest(info)
         rec = self.replicas.get(info["replica"])
         if rec is not None:
             self.registry.update(rec, info)
@@ -291,8 +311,76 @@ class Router:
             except Exception:
                 logger.exception("router tick failed")
 
+    # --- the trace ring and the per-model statistics the policy reads -------------------------
+
+    def _ingest(self, info: dict[str, Any]) -> None:
+        """Record the requests a replica report carries (taken out of `info`, so once only)."""
+        records = info.pop("requests", None)
+        if not records:
+            return
+        now = self.clock()
+        model = info["model"]
+        size = self.registry.measured_bytes(model) or int(info.get("declared_bytes") or 0)
+        for ago_s, held_s in records:
+            at = now - float(ago_s)
+            self.trace.add_request(at, model, size, float(held_s))
+            self.rates.observe(model, at)
+
+    def _observe_moves(self) -> None:
+        """Turn increments of each lifecycle's move counters into trace records with seconds."""
+        now = self.clock()
+        for rid, rec in self.replicas.items():
+            st = rec.status
+            counts = st.get("moves")
+            if not isinstance(counts, dict):
+                continue
+            seen = self._moves_seen.get(rid)
+            self._moves_seen[rid] = dict(counts)
+            if seen is None:
+                continue  # first report (or a router restart): its past is not this trace's
+            size = int(st.get("bytes_gpu") or st.get("bytes_cpu") or 0) or self.registry.measured_bytes(rec.model) or 0
+            for kind, count in counts.items():
+                for _ in range(max(0, int(count) - int(seen.get(kind, 0)))):
+                    seconds = float(st.get(f"last_{kind}_s") or 0.0)
+                    self.trace.add_move(now - float(st.get("since_s") or 0.0) - seconds, rec.model, kind, seconds, size)
+                    if kind in ("load", "restore"):
+                        self.measured_s.setdefault(rec.model, {})[kind] = seconds
+        for rid in set(self._moves_seen) - set(self.replicas):
+            del self._moves_seen[rid]
+
+    async def trace_csv(self) -> str:
+        """The simulator's trace CSV (`bench/policy_sim.py --trace`) of the requests kept."""
+        self._observe_moves()
+        return self.trace.requests_csv()
+
+    async def trace_models_csv(self) -> str:
+        """The simulator's models CSV (`--models`): sizes and measured load/restore seconds."""
+        self._observe_moves()
+        return self.trace.models_csv(m.id for m in self.config.models if self.trace.model_bytes.get(m.id))
+
+    def policy_audit(self, now: float, max_age_s: float = 5.0) -> dict[str, Any]:
+        """`policy_audit` of /gpu/status: live GPU misses against Belady-Size's over the window.
+
+        Recomputed at most every `max_age_s` (the tick loop reads the status every tick).
+        """
+        if self._audit is not None and now - self._audit[0] < max_age_s:
+            return self._audit[1]
+        usable = {g.uuid: max(0, g.total_bytes - margin_bytes(g, self.limits)) for g in self._gpu_views()}
+        # Each model on the GPU of its (first) replica: Belady gets the same placement, not a pool.
+        placed: dict[str, set[str]] = {}
+        for _, rec in sorted(self.replicas.items()):
+            if rec.gpu in usable and not any(rec.model in ms for ms in placed.values()):
+                placed.setdefault(rec.gpu, set()).add(rec.model)
+        groups = [(usable[gpu], models) for gpu, models in sorted(placed.items())]
+        capacity = sum(usable.values())
+        doc = self.trace.audit(now, self.config.router.audit_window_s, capacity, groups).as_dict()
+        doc["capacity_bytes"] = sum(usable[gpu] for gpu in placed) if placed else capacity
+        self._audit = (now, doc)
+        return doc
+
     def _instances(self) -> list[InstanceView]:
         out = []
+        now = self.clock()
         for rid, rec in self.replicas.items():
             st = rec.status
             state = ModelState(st["state"])
@@ -321,6 +409,9 @@ class Router:
                     release_timeout_s=policy.get("release_timeout_s"),
                     offload_after_use=bool(policy.get("offload_after_use")),
                     pinned=bool(policy.get("pinned")),
+                    request_rate_hz=self.rates.rate(rec.model, now),
+                    load_s=self.measured_s.get(rec.model, {}).get("load", st.get("last_load_s")),
+                    restore_s=self.measured_s.get(rec.model, {}).get("restore", st.get("last_restore_s")),
                 )
             )
         return out
@@ -343,6 +434,7 @@ class Router:
 
     def _decide_and_act(self) -> None:
         self.ticks += 1
+        self._observe_moves()
         snap = self.snapshot()
         for action in decide(snap, self.clock()):
             if isinstance(action, Admit):
@@ -431,6 +523,7 @@ class Router:
             "models": status_doc.model_rows(self.replicas, self.policies, self.config),
             "queue": status_doc.queue_rows(((p.load, p.reason) for p in self.pending.values()), now),
             "router": {"ticks": self.ticks, "uptime_s": round(now - self.started_at, 1)},
+            "policy_audit": self.policy_audit(now),
         }
 
     async def ping(self) -> bool:

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -106,16 +107,32 @@ class Lifecycle:
         self._failed_attempt = -1
         self._failed_error: BaseException | None = None
         self._after_use_task: asyncio.Task[str] | None = None
+        #: Finished moves by kind ("load", "restore", "offload", "release"): the router turns
+        #: increments into trace records with the matching `last_*_s` seconds.
+        self.moves: dict[str, int] = {"load": 0, "restore": 0, "offload": 0, "release": 0}
+        #: Requests since the router last took them (`take_requests`): (arrived_at, held_s).
+        #: Bounded: a replica cut off from the router keeps the newest.
+        self.request_log: deque[tuple[float, float]] = deque(maxlen=4096)
 
     # --- requests ------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def use(self) -> AsyncIterator[None]:
-        """Hold the model on its serving device for the body of the block."""
-        await self._acquire()
+    async def use(self, *, record: bool = True) -> AsyncIterator[None]:
+        """Hold the model on its serving device for the body of the block (`record`: a request,
+        logged for the router's trace; a preheat is not)."""
+        arrived = self.clock()
+        try:
+            await self._acquire()
+        except BaseException:
+            if record:
+                self.request_log.append((arrived, 0.0))  # demand all the same: the trace keeps it
+            raise
+        started = self.clock()
         try:
             yield
         finally:
+            if record:
+                self.request_log.append((arrived, self.clock() - started))
             await self._release_lease()
 
     @asynccontextmanager
@@ -145,6 +162,12 @@ class Lifecycle:
         if self.residents:
             return f"skipped: {self.residents} open realtime session(s) keep the model resident"
         return None
+
+    def take_requests(self) -> list[tuple[float, float]]:
+        """The requests logged since the last call, oldest first: (arrived_at, held_s)."""
+        out = list(self.request_log)
+        self.request_log.clear()
+        return out
 
     async def _acquire(self) -> None:
         waited_on: int | None = None
@@ -234,7 +257,7 @@ class Lifecycle:
 
     async def load(self, reason: str = "preheat") -> str:
         """Bring the model onto its device without serving a request (preheat)."""
-        async with self.use():
+        async with self.use(record=False):
             pass
         return f"{self.state.value}"
 
@@ -360,6 +383,7 @@ class Lifecycle:
             raise ModelLoadError(self.model, "load", exc) from exc
         elapsed = time.perf_counter() - start
         self.timings.last_load_s = elapsed
+        self.moves["load"] += 1
         self.footprint = self.adapter.footprint()
         self.last_error = None
         self.last_used_at = self.clock()
@@ -385,6 +409,7 @@ class Lifecycle:
             raise ModelLoadError(self.model, "restore", exc) from exc
         elapsed = time.perf_counter() - start
         self.timings.last_restore_s = elapsed
+        self.moves["restore"] += 1
         self.footprint = self.adapter.footprint()
         self.last_error = None
         self.last_used_at = self.clock()
@@ -403,6 +428,7 @@ class Lifecycle:
             return
         elapsed = time.perf_counter() - start
         self.timings.last_offload_s = elapsed
+        self.moves["offload"] += 1
         self.footprint = self.adapter.footprint()
         self._transition(S.CPU, reason, duration_s=elapsed)
         logger.info("Offloaded model %r to CPU in %.1fms (%s).", self.model, elapsed * 1000, reason)
@@ -413,6 +439,7 @@ class Lifecycle:
         await asyncio.to_thread(_safe_release, self.adapter)
         elapsed = time.perf_counter() - start
         self.timings.last_release_s = elapsed
+        self.moves["release"] += 1
         self.footprint = Footprint()
         self._transition(S.UNLOADED, reason, duration_s=elapsed)
         logger.info("Released model %r in %.1fms (%s).", self.model, elapsed * 1000, reason)
@@ -459,6 +486,7 @@ class Lifecycle:
             "last_release_s": self.timings.last_release_s,
             "last_error": self.last_error,
             "loads": self.loads,
+            "moves": dict(self.moves),
         }
 
 

@@ -52,6 +52,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from serve_app.core.cost import effective_rate_hz, eviction_cost_s, guess_load_s, guess_restore_s
 from serve_app.core.groups import group_members, place_group
 from serve_app.core.snapshot import (
     Action,
@@ -72,9 +73,12 @@ __all__ = [
     "decide",
     "effective_priority",
     "estimate_need_bytes",
+    "eviction_order",
+    "expected_cost_s",
     "gpu_free_bytes",
     "margin_bytes",
     "queue_order",
+    "reload_s",
 ]
 
 S = ModelState
@@ -160,9 +164,27 @@ def _human(n: int) -> str:
     return f"{n / MiB:.0f} MiB"
 
 
-def _eviction_order(inst: InstanceView) -> tuple[int, float, str, str]:
-    """Lowest priority first, then least recently used."""
-    return (inst.priority, inst.last_used_at, inst.replica, inst.model)
+def reload_s(inst: InstanceView, *, offloaded: bool) -> float:
+    """Seconds the instance takes to come back: measured when it was, else guessed from its size."""
+    size = inst.bytes_gpu or inst.bytes_cpu
+    if offloaded:
+        return inst.restore_s if inst.restore_s is not None else guess_restore_s(size)
+    return inst.load_s if inst.load_s is not None else guess_load_s(size)
+
+
+def expected_cost_s(inst: InstanceView, limits: PolicyLimits, now: float, *, offloaded: bool) -> float:
+    """Expected reload seconds evicting `inst` causes (`serve_app/core/cost.py`)."""
+    rate = effective_rate_hz(inst.request_rate_hz, now - inst.last_used_at)
+    return eviction_cost_s(rate, reload_s(inst, offloaded=offloaded), limits.cost_horizon_s)
+
+
+def eviction_order(
+    inst: InstanceView, limits: PolicyLimits, host_free: int, now: float
+) -> tuple[int, float, float, str, str]:
+    """Lowest priority first (a hard rule), then least expected reload seconds per byte freed,
+    then least recently used (which is all that is left when no rates are known)."""
+    cost = expected_cost_s(inst, limits, now, offloaded=host_free >= inst.bytes_gpu)
+    return (inst.priority, cost / max(inst.bytes_gpu, 1), inst.last_used_at, inst.replica, inst.model)
 
 
 # --- the decision -------------------------------------------------------------------------
@@ -192,9 +214,10 @@ class _Plan:
     freed: int  # bytes of `evict`
     available: int  # free + freeing + freed
     count_ok: bool
+    cost: float = 0.0  # expected reload seconds of `evict`
 
-    def sort_key(self) -> tuple[int, int, int, str]:
-        return (self.freed, len(self.evict), self.available, self.gpu.view.uuid)
+    def sort_key(self) -> tuple[float, int, int, int, str]:
+        return (self.cost, self.freed, len(self.evict), self.available, self.gpu.view.uuid)
 
 
 class _Decision:
@@ -216,6 +239,7 @@ class _Decision:
         #: at 64+ instances: the whole decision has a budget of well under a millisecond).
         self.expired: list[tuple[InstanceView, str]] = []
         host_held: dict[str, int] = {}
+        self.largest_on_gpu: dict[str, int] = {}  # per node: what one offload may need on its host
         for inst in snapshot.instances:
             key = (inst.model, inst.replica)
             self.instances[key] = inst
@@ -224,6 +248,8 @@ class _Decision:
                 self._check_idle(inst, key)
             if state in HOLDS_CPU:
                 host_held[inst.node] = host_held.get(inst.node, 0) + inst.bytes_cpu
+            if state is S.GPU and inst.bytes_gpu > self.largest_on_gpu.get(inst.node, 0):
+                self.largest_on_gpu[inst.node] = inst.bytes_gpu
             slot = self.gpus.get(inst.gpu) if inst.gpu is not None else None
             if slot is None or state not in HOLDS_GPU:
                 continue
@@ -237,30 +263,84 @@ class _Decision:
                 slot.freeing_count += 1
             elif inst.in_flight == 0 and not inst.pinned and key not in self.pending_keys:
                 slot.evictable.append(inst)
-        for slot in self.gpus.values():
-            slot.free = _free(slot.view, slot.accounted, slot.reserved, slot.margin)
-            slot.evictable.sort(key=_eviction_order)
-
         budgets = snapshot.host_budget_bytes
         self.host_free: dict[str, int] = {
             node: budgets.get(node, 0) - host_held.get(node, 0) for node in budgets.keys() | host_held.keys()
         }
+        host_free = self.host_free
+        for slot in self.gpus.values():
+            slot.free = _free(slot.view, slot.accounted, slot.reserved, slot.margin)
+            slot.evictable.sort(key=lambda i: eviction_order(i, limits, host_free.get(i.node, 0), now))
 
     # --- evictions -----------------------------------------------------------------------
 
     def _evict(self, inst: InstanceView, reason: str) -> Offload | Release:
-        """Offload while the node's host-RAM budget allows, else release (the weights reload)."""
+        """Offload while the node's host-RAM budget allows, else release (the weights reload).
+
+        When the budget is short, releasing colder CPU-tier copies to make room is chosen if
+        their expected extra reload seconds plus this model's restore cost less than this
+        model's cold load; those releases are appended to the actions ahead of the offload.
+        """
         self.chosen.add((inst.model, inst.replica))
         host_free = self.host_free.get(inst.node, 0)
+        if host_free < inst.bytes_gpu:
+            for other in self._host_room(inst, inst.bytes_gpu - host_free):
+                self.chosen.add((other.model, other.replica))
+                self.actions.append(
+                    Release(
+                        other.model,
+                        other.replica,
+                        f"making host RAM room on {other.node} for offloading {inst.model!r}: its expected "
+                        f"reload cost is lower ({reason})",
+                    )
+                )
+                host_free += other.bytes_cpu
         if host_free >= inst.bytes_gpu:
             self.host_free[inst.node] = host_free - inst.bytes_gpu
             return Offload(inst.model, inst.replica, reason)
+        self.host_free[inst.node] = host_free
         return Release(
             inst.model,
             inst.replica,
             f"{reason}; released, not offloaded: host RAM budget on {inst.node} has "
             f"{_human(max(host_free, 0))} left, offload needs {_human(inst.bytes_gpu)}",
         )
+
+    def _host_room(self, inst: InstanceView, short: int) -> list[InstanceView]:
+        """CPU-tier copies on `inst`'s node to release so that `inst` can be offloaded, or [] when
+        releasing `inst` itself is expected to cost less (or nothing can make the room)."""
+        limits, now = self.limits, self.now
+        candidates = []
+        for key, other in self.instances.items():
+            if (
+                other.state is not S.CPU
+                or other.node != inst.node
+                or other.pinned
+                or other.in_flight
+                or other.priority > inst.priority
+                or key in self.chosen
+                or key in self.pending_keys
+                or key in self.group_keys
+                or other.bytes_cpu <= 0
+            ):
+                continue
+            extra = expected_cost_s(other, limits, now, offloaded=False)
+            extra -= expected_cost_s(other, limits, now, offloaded=True)
+            candidates.append((extra / other.bytes_cpu, other.last_used_at, other.replica, extra, other))
+        candidates.sort(key=lambda c: c[:3])
+        room, extra_total, chosen = 0, 0.0, []
+        for _, _, _, extra, other in candidates:
+            if room >= short:
+                break
+            chosen.append(other)
+            room += other.bytes_cpu
+            extra_total += extra
+        if room < short:
+            return []
+        offload_cost = extra_total + expected_cost_s(inst, limits, now, offloaded=True)
+        if offload_cost < expected_cost_s(inst, limits, now, offloaded=False):
+            return chosen
+        return []
 
     def _check_idle(self, inst: InstanceView, key: _Key) -> None:
         if key in self.pending_keys or key in self.group_keys:
@@ -275,8 +355,21 @@ class _Decision:
             if timeout is not None and idle >= timeout:
                 self.expired.append((inst, f"idle {idle:.1f}s >= release_timeout_s {timeout}"))
 
+    def _keep_despite_timeout(self, inst: InstanceView) -> bool:
+        """An expired timeout that would cost more than it frees is deferred (module doc, 2)."""
+        limits = self.limits
+        if limits.timeout_max_cost_s is None:
+            return False
+        if inst.state is S.CPU:
+            # Host RAM within the budget is there for the tier: release a copy only when the
+            # node's room is short of what an offload from one of its GPUs might need.
+            room = self.host_free.get(inst.node, 0)
+            return room >= self.largest_on_gpu.get(inst.node, 0)
+        offloaded = self.host_free.get(inst.node, 0) >= inst.bytes_gpu
+        return expected_cost_s(inst, limits, self.now, offloaded=offloaded) > limits.timeout_max_cost_s
+
     def idle_transitions(self) -> None:
-        expired = self.expired
+        expired = [e for e in self.expired if not self._keep_despite_timeout(e[0])]
         expired.sort(key=lambda e: (e[0].node, e[0].gpu or "", e[0].model, e[0].replica))
         for inst, reason in expired:
             if inst.state is S.CPU:
@@ -308,7 +401,19 @@ class _Decision:
                 continue
             evict.append(inst)
             freed += inst.bytes_gpu
-        return _Plan(slot, evict, freed, available + freed, len(evict) >= excess)
+        if len(evict) > 1 and available + freed >= need:
+            # Greedy by cost per byte can overshoot: a small cheap model taken first may turn out
+            # unneeded once a large one was added. Keep only what the request still needs.
+            for inst in reversed(evict.copy()):  # the dearest per byte first
+                if len(evict) > excess and available + freed - inst.bytes_gpu >= need:
+                    evict.remove(inst)
+                    freed -= inst.bytes_gpu
+        host_free = self.host_free
+        cost = sum(
+            expected_cost_s(i, self.limits, self.now, offloaded=host_free.get(i.node, 0) >= i.bytes_gpu)
+            for i in evict
+        )
+        return _Plan(slot, evict, freed, available + freed, len(evict) >= excess, cost)
 
     # --- placement -----------------------------------------------------------------------
 

@@ -50,6 +50,11 @@ class InstanceView:
     release_timeout_s: float | None = None
     offload_after_use: bool = False
     pinned: bool = False
+    #: Per-model statistics the router measures (see `serve_app/core/cost.py`): the model's decayed
+    #: request rate, and its last measured cold-load and restore seconds (None: not measured yet).
+    request_rate_hz: float = 0.0
+    load_s: float | None = None
+    restore_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +87,12 @@ class PolicyLimits:
     max_models_per_gpu: int | None = None
     #: Seconds of waiting that raise a pending request's effective priority by one.
     aging_s: float = 30.0
+    #: How far ahead an eviction's expected reload cost is counted (`serve_app/core/cost.py`).
+    cost_horizon_s: float = 10.0
+    #: Opt-in: expired idle timeouts move a model down a tier only when that is cheap (see
+    #: `decide`): a GPU copy whose expected reload seconds exceed this stays; a CPU copy is released
+    #: only when the node's host budget is short. None (default): timeouts act as configured.
+    timeout_max_cost_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

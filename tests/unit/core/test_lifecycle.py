@@ -773,7 +773,7 @@ async def test_status_reports_state_reason_footprint_and_timings(
         "waiting", "idle_s", "idle_in_state_s", "last_used_at", "idle_timeout_s", "release_timeout_s",
         "offload_after_use",
         "priority", "pinned", "last_load_s", "last_restore_s", "last_offload_s", "last_release_s",
-        "last_error", "loads",
+        "last_error", "loads", "moves",
     }  # fmt: skip
     assert status["state"] == "unloaded" and status["reason"] == "created" and status["seq"] == 0
     assert status["last_load_s"] is None and status["last_error"] is None
@@ -808,3 +808,28 @@ async def test_status_reports_state_reason_footprint_and_timings(
     status = lc.status()
     assert status["last_restore_s"] is not None and status["last_release_s"] is not None
     assert (status["state"], status["bytes_gpu"], status["bytes_cpu"]) == ("unloaded", 0, 0)
+
+
+# --- the request log and move counters the router's trace is built from ------------------------
+
+
+async def test_requests_are_logged_with_arrival_and_hold_time_and_taken_once(lc: Lifecycle, clock: FakeClock) -> None:
+    arrived = clock()
+    async with lc.use():
+        clock.advance(2.5)
+    await lc.load("preheat")  # not a request: not logged
+    assert lc.take_requests() == [(arrived, 2.5)]
+    assert lc.take_requests() == []
+    assert await lc.offload("test") == "offloaded: cpu"
+    async with lc.use():
+        pass
+    assert lc.status()["moves"] == {"load": 1, "restore": 1, "offload": 1, "release": 0}
+
+
+async def test_a_request_whose_load_fails_is_logged_as_demand(lc: Lifecycle, adapter: FakeAdapter) -> None:
+    adapter.fail.add("load")
+    with pytest.raises(ModelLoadError):
+        async with lc.use():
+            pass
+    assert [held for _, held in lc.take_requests()] == [0.0]
+    assert lc.status()["moves"]["load"] == 0

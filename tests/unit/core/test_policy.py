@@ -454,9 +454,19 @@ def test_idle_offload_releases_when_the_host_budget_is_short() -> None:
 
 
 def test_idle_cpu_instance_is_released_at_its_timeout() -> None:
-    snap = world([inst("a", state=S.CPU, release=1800.0, idle=1.0)])
+    # The host budget (6 GiB, 4 held) is short of what offloading "big" (8 GiB) would need.
+    snap = world([inst("a", state=S.CPU, release=1800.0, idle=1.0), inst("big", 8, last_used=1e9)], budget={"n0": 6})
     assert decide(snap, 1799.0) == []
     assert released(decide(snap, 1800.0)) == ["a"]
+
+
+def test_release_timeout_waits_while_the_host_budget_has_room_when_opted_in() -> None:
+    """With `timeout_max_cost_s` set, host RAM within the budget is there for the tier: releasing a
+    copy early only turns its next restore into a cold load. By default it is released."""
+    instances = [inst("a", state=S.CPU, release=1800.0, idle=1.0), inst("big", 8, last_used=1e9)]
+    lazy = replace(NO_MARGIN, timeout_max_cost_s=0.1)
+    assert decide(world(instances, budget={"n0": 64}, limits=lazy), 1800.0) == []
+    assert released(decide(world(instances, budget={"n0": 64}), 1800.0)) == ["a"]
 
 
 def test_none_timeouts_never_fire() -> None:

@@ -459,6 +459,16 @@ def check_decision(snap: Snapshot, now: float, actions: list[Action]) -> None:
 
     # Nothing busy or pinned is moved; only idle timeouts or a request's eviction plan move things.
     expired: set[tuple[str, str]] = set()
+    # A CPU copy's release timeout acts only when its node's host room is short of the largest
+    # GPU-resident model there (the rule `timeout_max_cost_s` turns on); rates are 0 here, so
+    # GPU idle timeouts always act.
+    host_free = dict(snap.host_budget_bytes)
+    largest: dict[str, int] = {}
+    for i in snap.instances:
+        if i.state in (S.CPU, S.RESTORING, S.OFFLOADING):
+            host_free[i.node] = host_free.get(i.node, 0) - i.bytes_cpu
+        if i.state is S.GPU:
+            largest[i.node] = max(largest.get(i.node, 0), i.bytes_gpu)
     for key, i in by_key.items():
         if i.pinned or i.in_flight or key in protected_keys:
             continue
@@ -466,7 +476,9 @@ def check_decision(snap: Snapshot, now: float, actions: list[Action]) -> None:
         if i.state is S.GPU and i.idle_timeout_s is not None and idle >= i.idle_timeout_s:
             expired.add(key)
         if i.state is S.CPU and i.release_timeout_s is not None and idle >= i.release_timeout_s:
-            expired.add(key)
+            strict = limits.timeout_max_cost_s is None
+            if strict or host_free.get(i.node, 0) < largest.get(i.node, 0):
+                expired.add(key)
     moved = {(a.model, a.replica) for a in actions if isinstance(a, Offload | Release)}
     assert expired <= moved, "a timeout ran out without an action"
     offload_bytes: dict[str, int] = {}
