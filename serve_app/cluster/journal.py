@@ -44,7 +44,8 @@ class Journal:
             )
             self._add(event)
             if self.metrics is not None and event.move is not None and event.seconds is not None:
-                self.metrics.transition_seconds.observe(float(event.seconds), {"model": event.model, "move": event.move})
+                tags = {"model": event.model, "move": event.move}
+                self.metrics.transition_seconds.observe(float(event.seconds), tags)
 
     def decision(
         self, action: str, model: str, replica: str | None, reason: str, *, request_id: str | None = None,

@@ -66,5 +66,6 @@ def describe(model: str, progress: Mapping[str, Any] | None, gpu: str | None, wa
         tail = f", {progress['elapsed_s']:.1f} of ~{expected:.0f} s" if expected else f", {progress['elapsed_s']:.1f} s"
         return f"{verb} {model!r}{where}{tail}"
     if waiting is not None:
-        return f"waiting for GPU room for {model!r}, {float(waiting.get('waiting_s') or 0):.1f} s: {waiting.get('reason')}"
+        waited = float(waiting.get("waiting_s") or 0)
+        return f"waiting for GPU room for {model!r}, {waited:.1f} s: {waiting.get('reason')}"
     return f"waiting for {model!r} to start"

@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from serve_app.cluster.router import Router
-from tests.unit.cluster.test_router import MiB, FakeClock, app, info, reading
+from tests.unit.cluster.test_router import FakeClock, MiB, app, info, reading
 
 
 def with_transitions(base: dict, *moves: tuple[str, str, float | None]) -> dict:
