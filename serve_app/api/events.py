@@ -92,13 +92,15 @@ def sse(event: dict[str, Any]) -> str:
     return f"id: {event['seq']}\nevent: {event['kind']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n"
 
 
-async def _stream(request: Request, ctx: Context, after: int | None) -> AsyncIterator[str]:
+async def _stream(
+    request: Request, ctx: Context, after: int | None, replay: dict[str, Any] | None = None
+) -> AsyncIterator[str]:
     sub = _hub.subscribe(ctx)
     try:
         yield "retry: 2000\n: connected to the gpu-serve event stream\n\n"
         last = -1
         if after is not None:
-            doc = await call_router(ctx, "events", after, 0.0)
+            doc = replay if replay is not None else await call_router(ctx, "events", after, 0.0)
             if doc["missed"]:
                 yield f"event: dropped\ndata: {json.dumps({'dropped': doc['missed']})}\n\n"
             for event in doc["events"]:
@@ -133,7 +135,9 @@ async def gpu_events(
     last_id = request.headers.get("last-event-id")
     if after is None and last_id and last_id.isdigit():
         after = int(last_id)
+    # Asked before the stream starts, so an unreachable router is a 503 now, not a silent stream.
+    replay = await call_router(ctx, "events", after or 0, 0.0)
     return StreamingResponse(
-        _stream(request, ctx, after), media_type="text/event-stream",
+        _stream(request, ctx, after, replay if after is not None else None), media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
