@@ -45,7 +45,7 @@ class RouterMetrics:
             boundaries=MOVE_BUCKETS_S, tag_keys=("model", "move"),
         )
         self.evictions_by_reason = Counter(
-            "gpu_serve_evictions_by_reason", "Offloads and releases the policy ordered, by why",
+            "gpu_serve_evictions_by_reason_total", "Offloads and releases the policy ordered, by why",
             tag_keys=("model", "kind", "reason"),
         )
         self.in_flight = Gauge("gpu_serve_model_in_flight", "Requests in flight per model", tag_keys=("model",))

@@ -1,0 +1,27 @@
+"""The app the operator-surface tests share (MCP, events, metrics, the status page): one deploy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.integration.conftest import embeddings_model, fast_autoscaling
+
+MiB = 1024**2
+SLOW = "slow-model"
+EMBED = "all-MiniLM-L6-v2"
+
+ARGS: dict[str, Any] = {
+    "namespace": "gpu-serve-operator-test",
+    "models": [
+        embeddings_model(idle_timeout_s=None, release_timeout_s=None, resources={"node_a": 1}),
+        {
+            "id": SLOW, "family": "python", "deployment": "tests.integration.slowmodel:SlowLoading",
+            "options": {"load_s": 3.0, "size_mib": 8}, "num_gpus": 0.25, "vram_bytes": 16 * MiB,
+            "resources": {"node_b": 1}, "autoscaling": fast_autoscaling(),
+            "idle_timeout_s": None, "release_timeout_s": None,
+        },
+    ],
+    "router": {
+        "simulated_gpu_bytes": 2048 * MiB, "margin_bytes": 128 * MiB, "margin_fraction": 0.0, "request_timeout_s": 60,
+    },
+}

@@ -1,0 +1,165 @@
+"""Operator surfaces against the running service: the event stream (as `curl -N` reads it), the
+MCP tools through the official SDK over streamable HTTP and over stdio, and the metrics the
+local cluster exports to Prometheus after some traffic."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from mcp import Client, StdioServerParameters
+
+from serve_app.cluster.metrics import EXPORTED
+from tests.integration.operator_app import ARGS, EMBED
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def url(deploy: Callable[[dict[str, Any]], str]) -> str:
+    return deploy(ARGS)
+
+
+class EventReader:
+    """Reads `/gpu/events` on a thread, the way `curl -N` does, and keeps every event."""
+
+    def __init__(self, url: str) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(url,), daemon=True)
+        self._thread.start()
+
+    def _run(self, url: str) -> None:
+        with httpx.stream("GET", f"{url}/gpu/events", timeout=httpx.Timeout(10, read=None)) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            for line in r.iter_lines():
+                self.raw.append(line)
+                if line.startswith("data: "):
+                    self.events.append(json.loads(line[6:]))
+                if self._stop.is_set():
+                    return
+
+    def wait_for(self, pred: Callable[[dict[str, Any]], bool], timeout_s: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for e in list(self.events):
+                if pred(e):
+                    return e
+            time.sleep(0.1)
+        raise AssertionError(f"no such event within {timeout_s}s; got {self.events[-10:]}")
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+@pytest.fixture(scope="module")
+def events(url: str) -> Iterator[EventReader]:
+    reader = EventReader(url)
+    time.sleep(1.0)  # connected before the traffic starts
+    yield reader
+    reader.close()
+
+
+def state_of(url: str, model: str) -> str:
+    rows = [m for m in httpx.get(f"{url}/gpu/status", timeout=10).json()["models"] if m["model"] == model]
+    return rows[0]["state"]
+
+
+async def test_mcp_over_streamable_http_and_the_events_it_causes(url: str, events: EventReader) -> None:
+    async with Client(f"{url}/mcp/") as client:
+        names = {t.name for t in (await client.list_tools()).tools}
+        assert {"get_gpu_status", "offload_gpu", "release_gpu", "update_gpu_timeout", "load_model",
+                "list_models"} <= names
+        models = (await client.call_tool("list_models", {})).structured_content["models"]
+        assert {m["id"] for m in models} == {m["id"] for m in ARGS["models"]}
+        loaded = await client.call_tool("load_model", {"model": EMBED})
+        assert not loaded.is_error, loaded.content
+        assert loaded.structured_content["instances"][0]["state"] == "gpu"
+        off = await client.call_tool("offload_gpu", {"model": EMBED})
+        assert [i["state"] for i in off.structured_content["instances"]] == ["cpu"]
+        status = (await client.call_tool("get_gpu_status", {})).structured_content
+        assert [m["state"] for m in status["models"] if m["model"] == EMBED] == ["cpu"]
+        bad = await client.call_tool("release_gpu", {"model": "no-such-model"})
+        assert bad.is_error and "'no-such-model'" in bad.content[0].text
+        bad = await client.call_tool("update_gpu_timeout", {"model": EMBED, "release_timeout_s": 0})
+        assert bad.is_error and "release_timeout_s" in bad.content[0].text
+    # Every transition the tools caused is on the stream, with its duration and bytes.
+    loaded_event = events.wait_for(lambda e: e.get("model") == EMBED and e.get("to") == "gpu")
+    assert loaded_event["from"] == "loading" and loaded_event["seconds"] > 0 and loaded_event["bytes"] > 0
+    assert loaded_event["gpu"] and loaded_event["replica"]
+    offloaded = events.wait_for(lambda e: e.get("model") == EMBED and e.get("to") == "cpu")
+    assert offloaded["from"] == "offloading" and offloaded["reason"] == "admin request"
+    admit = events.wait_for(lambda e: e.get("action") == "admit" and e.get("model") == EMBED)
+    assert "fits on" in admit["reason"]
+    assert any(line.startswith("id: ") for line in events.raw) and any(
+        line == "event: transition" for line in events.raw
+    )
+
+
+async def test_mcp_over_stdio_forwards_to_the_service(url: str) -> None:
+    params = StdioServerParameters(
+        command=sys.executable, args=["-m", "serve_app", "mcp", "--url", url], cwd=str(ROOT)
+    )
+    async with Client(params) as client:
+        status = await client.call_tool("get_gpu_status", {})
+        assert not status.is_error and {m["model"] for m in status.structured_content["models"]} >= {EMBED}
+        result = await client.call_tool("update_gpu_timeout", {"model": EMBED, "timeout_seconds": 900})
+        assert not result.is_error and result.structured_content["policy"] == {"idle_timeout_s": 900.0}
+        bad = await client.call_tool("offload_gpu", {"model": "no-such-model"})
+        assert bad.is_error and "404" in bad.content[0].text and "'no-such-model'" in bad.content[0].text
+    rows = [m for m in httpx.get(f"{url}/gpu/status", timeout=10).json()["models"] if m["model"] == EMBED]
+    assert all(r["idle_timeout_s"] == 900.0 for r in rows)
+
+
+def _scrape() -> str:
+    import ray
+
+    text = []
+    for node in ray.nodes():
+        port = node.get("MetricsExportPort")
+        if node.get("Alive") and port:
+            with contextlib.suppress(httpx.HTTPError):
+                text.append(httpx.get(f"http://{node['NodeManagerAddress']}:{port}/metrics", timeout=5).text)
+    return "\n".join(text)
+
+
+def test_metrics_are_exported_after_traffic(url: str, events: EventReader) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    for _ in range(3):
+        client.embeddings.create(model=EMBED, input=["one", "two", "three"])
+    # A short idle timeout makes the router evict the model: an eviction with its reason.
+    r = httpx.post(f"{url}/gpu/timeout", json={"model": EMBED, "idle_timeout_s": 0.5}, timeout=30)
+    assert r.status_code == 200, r.text
+    evict = events.wait_for(lambda e: e.get("action") == "evict" and e.get("model") == EMBED)
+    assert "idle_timeout_s" in evict["reason"]
+    httpx.post(f"{url}/gpu/timeout", json={"model": EMBED, "idle_timeout_s": 900}, timeout=30)
+    wanted = {
+        "ray_gpu_serve_transition_seconds_bucket", "ray_gpu_serve_evictions_by_reason_total",
+        "ray_gpu_serve_model_in_flight", "ray_gpu_serve_embeddings_batch_size_bucket",
+        "ray_gpu_serve_admission_wait_seconds_bucket", "ray_gpu_serve_model_instances",
+        "ray_gpu_serve_gpu_used_bytes",
+    }
+    deadline, found, text = time.monotonic() + 90, set(), ""
+    while time.monotonic() < deadline:  # Ray's agent exports on its own cycle (about 10 s)
+        text = _scrape()
+        found = {name for name in wanted if f"\n{name}{{" in text}
+        if found == wanted:
+            break
+        time.sleep(2)
+    assert found == wanted, f"missing {sorted(wanted - found)}"
+    assert 'move="load"' in text and 'reason="idle_timeout"' in text
+    exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("ray_gpu_serve")}
+    bases = {n.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count") for n in exported}
+    assert bases <= set(EXPORTED), f"exported but not declared in EXPORTED: {sorted(bases - set(EXPORTED))}"
