@@ -40,14 +40,17 @@ class EventReader:
         self._thread.start()
 
     def _run(self, url: str) -> None:
-        with httpx.stream("GET", f"{url}/gpu/events", timeout=httpx.Timeout(10, read=None)) as r:
-            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-            for line in r.iter_lines():
-                self.raw.append(line)
-                if line.startswith("data: "):
-                    self.events.append(json.loads(line[6:]))
-                if self._stop.is_set():
-                    return
+        try:
+            with httpx.stream("GET", f"{url}/gpu/events", timeout=httpx.Timeout(10, read=None)) as r:
+                self.raw.append(f"HTTP {r.status_code} {r.headers.get('content-type')}")
+                for line in r.iter_lines():
+                    self.raw.append(line)
+                    if line.startswith("data: "):
+                        self.events.append(json.loads(line[6:]))
+                    if self._stop.is_set():
+                        return
+        except httpx.HTTPError as exc:  # the app is redeployed or shut down after the module
+            self.raw.append(f"closed: {type(exc).__name__}")
 
     def wait_for(self, pred: Callable[[dict[str, Any]], bool], timeout_s: float = 60) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
@@ -101,6 +104,7 @@ async def test_mcp_over_streamable_http_and_the_events_it_causes(url: str, event
     assert offloaded["from"] == "offloading" and offloaded["reason"] == "admin request"
     admit = events.wait_for(lambda e: e.get("action") == "admit" and e.get("model") == EMBED)
     assert "fits on" in admit["reason"]
+    assert events.raw[0] == "HTTP 200 text/event-stream"
     assert any(line.startswith("id: ") for line in events.raw) and any(
         line == "event: transition" for line in events.raw
     )
