@@ -2,12 +2,15 @@
 
 Both go to the model's `TextGenerationDeployment`: `generate` for a whole answer, and
 `generate_stream` (a Serve streaming handle) for server-sent events. A stream's first event
-arrives once the model is on its device, so a failed load or a full GPU still answers with a
-proper status code; after the headers are sent, an error can only travel as an `error` event.
+arrives once the model is on its device; when it comes within `progress.GRACE_S` (the model
+was ready) a refusal still answers with a proper status code. Otherwise the stream starts with
+progress comment lines (`: loading 'x' on GPU-0, 1.0 of ~3 s`) while the model loads or waits
+for room; after the headers are sent, an error can only travel as an `error` event.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -19,6 +22,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve_app.api import progress
 from serve_app.api.context import Context, get_context
 from serve_app.api.errors import unwrap
 from serve_app.errors import InvalidRequest, ServeError, error_body
@@ -136,25 +140,36 @@ async def _generate(ctx: Context, model_id: str, **kwargs: Any) -> dict[str, Any
         raise unwrap(exc) from None
 
 
-async def _open_stream(ctx: Context, model_id: str, **kwargs: Any) -> Any:
-    """Start a streaming generation and wait for its first event (the model is ready)."""
+async def _open_stream(ctx: Context, model_id: str, **kwargs: Any) -> tuple[Any, asyncio.Future[Any] | None]:
+    """Start a streaming generation and wait briefly for its first event (the model is ready);
+    still pending after `progress.GRACE_S`, it is returned for the stream to wait on, sending
+    progress lines meanwhile."""
     gen = ctx.handles[model_id].options(stream=True).generate_stream.remote(**kwargs)
     try:
-        await gen.__anext__()
+        _, pending = await progress.first_event(gen)
     except Exception as exc:
         gen.cancel()
         raise unwrap(exc) from None
-    return gen
+    return gen, pending
 
 
 def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def _events(gen: Any, chunk: Any, include_usage: bool, first: str | None = None) -> AsyncIterator[str]:
-    """SSE lines for a stream: `chunk(text=..., finish_reason=...)` builds each payload."""
+async def _events(
+    gen: Any, chunk: Any, include_usage: bool, first: str | None = None,
+    waiting: tuple[Context, str, asyncio.Future[Any]] | None = None,
+) -> AsyncIterator[str]:
+    """SSE lines for a stream: `chunk(text=..., finish_reason=...)` builds each payload.
+    `waiting`: the model is not ready yet; progress comment lines come first."""
     finished = False
     try:
+        if waiting is not None:
+            ctx, model_id, pending = waiting
+            async for line in progress.comments(ctx, model_id, pending):
+                yield line
+            pending.result()  # a failed load or no room: an error event below
         if first is not None:
             yield _sse(chunk(first=first))
         async for event in gen:
@@ -196,7 +211,8 @@ async def chat_completions(req: ChatCompletionRequest, ctx: Context = Depends(ge
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     if req.stream:
-        gen = await _open_stream(ctx, model.id, messages=messages, **params)
+        gen, pending = await _open_stream(ctx, model.id, messages=messages, **params)
+        waiting = (ctx, model.id, pending) if pending is not None else None
 
         def chunk(
             text: str | None = None, finish_reason: str | None = None, usage: dict[str, int] | None = None,
@@ -211,7 +227,7 @@ async def chat_completions(req: ChatCompletionRequest, ctx: Context = Depends(ge
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
             return {**base, "choices": [choice]}
 
-        return _stream_response(_events(gen, chunk, _include_usage(req), first="role"))
+        return _stream_response(_events(gen, chunk, _include_usage(req), first="role", waiting=waiting))
 
     result = await _generate(ctx, model.id, messages=messages, **params)
     return {
@@ -239,7 +255,8 @@ async def completions(req: CompletionRequest, ctx: Context = Depends(get_context
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     if req.stream:
-        gen = await _open_stream(ctx, model.id, prompt=prompt, **params)
+        gen, pending = await _open_stream(ctx, model.id, prompt=prompt, **params)
+        waiting = (ctx, model.id, pending) if pending is not None else None
 
         def chunk(
             text: str | None = None, finish_reason: str | None = None, usage: dict[str, int] | None = None,
@@ -252,7 +269,7 @@ async def completions(req: CompletionRequest, ctx: Context = Depends(get_context
             return {**base, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
 
         first = prompt if req.echo else None
-        return _stream_response(_events(gen, chunk, _include_usage(req), first=first))
+        return _stream_response(_events(gen, chunk, _include_usage(req), first=first, waiting=waiting))
 
     result = await _generate(ctx, model.id, prompt=prompt, **params)
     text = prompt + result["text"] if req.echo else result["text"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from tests.integration.conftest import embeddings_model, fast_autoscaling
@@ -9,6 +12,8 @@ from tests.integration.conftest import embeddings_model, fast_autoscaling
 MiB = 1024**2
 SLOW = "slow-model"
 EMBED = "all-MiniLM-L6-v2"
+#: Two text models scaled to zero, each cold for one streamed request that waits for its replica.
+LM_RAW, LM_SDK = "lm-progress-raw", "lm-progress-sdk"
 
 ARGS: dict[str, Any] = {
     "namespace": "gpu-serve-operator-test",
@@ -25,3 +30,14 @@ ARGS: dict[str, Any] = {
         "simulated_gpu_bytes": 2048 * MiB, "margin_bytes": 128 * MiB, "margin_fraction": 0.0, "request_timeout_s": 60,
     },
 }
+
+
+@lru_cache(maxsize=1)
+def operator_args() -> dict[str, Any]:
+    """ARGS plus two small random-weight text models (built once per test run)."""
+    from tests.textmodel import build_tiny_causal_lm
+
+    path = build_tiny_causal_lm(Path(tempfile.mkdtemp(prefix="operator-lm-")) / "lm")
+    lm = {"family": "transformers-causal-lm", "source": str(path), "num_gpus": 0.25,
+          "resources": {"node_a": 1}, "autoscaling": fast_autoscaling()}
+    return {**ARGS, "models": [*ARGS["models"], {"id": LM_RAW, **lm}, {"id": LM_SDK, **lm}]}

@@ -18,7 +18,7 @@ import pytest
 from mcp import Client, StdioServerParameters
 
 from serve_app.cluster.metrics import EXPORTED
-from tests.integration.operator_app import ARGS, EMBED
+from tests.integration.operator_app import EMBED, LM_RAW, LM_SDK, operator_args
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def url(deploy: Callable[[dict[str, Any]], str]) -> str:
-    return deploy(ARGS)
+    return deploy(operator_args())
 
 
 class EventReader:
@@ -84,7 +84,7 @@ async def test_mcp_over_streamable_http_and_the_events_it_causes(url: str, event
         assert {"get_gpu_status", "offload_gpu", "release_gpu", "update_gpu_timeout", "load_model",
                 "list_models"} <= names
         models = (await client.call_tool("list_models", {})).structured_content["models"]
-        assert {m["id"] for m in models} == {m["id"] for m in ARGS["models"]}
+        assert {m["id"] for m in models} == {m["id"] for m in operator_args()["models"]}
         loaded = await client.call_tool("load_model", {"model": EMBED})
         assert not loaded.is_error, loaded.content
         assert loaded.structured_content["instances"][0]["state"] == "gpu"
@@ -167,3 +167,31 @@ def test_metrics_are_exported_after_traffic(url: str, events: EventReader) -> No
     exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("ray_gpu_serve")}
     bases = {n.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count") for n in exported}
     assert bases <= set(EXPORTED), f"exported but not declared in EXPORTED: {sorted(bases - set(EXPORTED))}"
+
+
+def test_a_streamed_request_that_waits_gets_progress_lines_then_its_chunks(url: str) -> None:
+    """The model is scaled to zero: the request waits for a replica and a load, and says so."""
+    body = {"model": LM_RAW, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
+    comments, data = [], []
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith(": "):
+                assert not data, "progress lines come before the first chunk"
+                comments.append(line)
+            elif line.startswith("data: "):
+                data.append(line[6:])
+    assert comments, "a cold model must not leave the client in silence"
+    assert all(f"'{LM_RAW}'" in c for c in comments), comments
+    assert data[-1] == "[DONE]" and json.loads(data[0])["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_openai_clients_ignore_the_progress_lines(url: str) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    stream = client.chat.completions.create(
+        model=LM_SDK, messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason is not None

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.operator_app import ARGS, EMBED, SLOW
+from tests.integration.operator_app import EMBED, SLOW, operator_args
 
 pytestmark = pytest.mark.integration
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -22,7 +22,7 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 
 @pytest.fixture(scope="module")
 def url(deploy: Callable[[dict[str, Any]], str]) -> str:
-    return deploy(ARGS)
+    return deploy(operator_args())
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def status_rows(url: str, model: str) -> list[dict[str, Any]]:
 
 def test_the_page_shows_and_steers_every_model(url: str, page: Any) -> None:
     page.goto(url + "/")
-    for m in ARGS["models"]:
+    for m in operator_args()["models"]:
         row(page, m["id"]).wait_for()
     assert page.locator("#conn").inner_text() in ("live (event stream)", "polling every 1 s")
     page.wait_for_function("document.querySelector('#conn').classList.contains('live')")
