@@ -22,6 +22,7 @@ from tests.integration.operator_app import EMBED, LM_RAW, LM_SDK, operator_args
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "artifacts"
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +165,11 @@ def test_metrics_are_exported_after_traffic(url: str, events: EventReader) -> No
         time.sleep(2)
     assert found == wanted, f"missing {sorted(wanted - found)}"
     assert 'move="load"' in text and 'reason="idle_timeout"' in text
+    ARTIFACTS.mkdir(exist_ok=True)  # samples for the operator's notes (ignored folder)
+    (ARTIFACTS / "metrics-sample.txt").write_text(
+        "\n".join(line for line in text.splitlines() if line.startswith("ray_gpu_serve")) + "\n"
+    )
+    (ARTIFACTS / "events-sample.txt").write_text("\n".join(events.raw) + "\n")
     exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("ray_gpu_serve")}
     bases = {n.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count") for n in exported}
     assert bases <= set(EXPORTED), f"exported but not declared in EXPORTED: {sorted(bases - set(EXPORTED))}"
