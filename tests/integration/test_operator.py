@@ -201,3 +201,8 @@ def test_openai_clients_ignore_the_progress_lines(url: str) -> None:
     )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason is not None
+
+
+def test_the_event_stream_refuses_a_bad_replay_id(url: str) -> None:
+    r = httpx.get(f"{url}/gpu/events", params={"after": -1}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "after"
