@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -86,8 +87,13 @@ async def _handle(request: Request, ctx: Context, task: str) -> Response:
     options: TranscriptionOptions = params["options"]
     if params["stream"]:
         return await _stream(handle, audio, options, ctx=ctx, model_id=model.id)
+    from serve_app.api import progress
+
+    started, t0 = time.time(), time.perf_counter()
     result = await handle.transcribe.remote(audio, options)
-    return format_result(result, params["response_format"], params["granularities"])
+    out = format_result(result, params["response_format"], params["granularities"])
+    out.headers.update(await progress.wait_headers(ctx, model.id, started, time.perf_counter() - t0))
+    return out
 
 
 # --- request parsing ---------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -133,11 +133,14 @@ def _include_usage(req: _Sampling) -> bool:
     return bool((req.stream_options or {}).get("include_usage"))
 
 
-async def _generate(ctx: Context, model_id: str, **kwargs: Any) -> dict[str, Any]:
+async def _generate(ctx: Context, model_id: str, response: Response, **kwargs: Any) -> dict[str, Any]:
+    started, t0 = time.time(), time.perf_counter()
     try:
-        return await ctx.handles[model_id].generate.remote(**kwargs)
+        result = await ctx.handles[model_id].generate.remote(**kwargs)
     except Exception as exc:
         raise unwrap(exc) from None
+    response.headers.update(await progress.wait_headers(ctx, model_id, started, time.perf_counter() - t0))
+    return result
 
 
 async def _open_stream(ctx: Context, model_id: str, **kwargs: Any) -> tuple[Any, asyncio.Future[Any] | None]:
@@ -201,7 +204,7 @@ def _stream_response(events: AsyncIterator[str]) -> StreamingResponse:
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(req: ChatCompletionRequest, ctx: Context = Depends(get_context)) -> Any:
+async def chat_completions(req: ChatCompletionRequest, response: Response, ctx: Context = Depends(get_context)) -> Any:
     model = ctx.model(req.model, family=FAMILY)
     max_tokens, param = req.max_tokens, "max_tokens"
     if req.max_completion_tokens is not None:
@@ -229,7 +232,7 @@ async def chat_completions(req: ChatCompletionRequest, ctx: Context = Depends(ge
 
         return _stream_response(_events(gen, chunk, _include_usage(req), first="role", waiting=waiting))
 
-    result = await _generate(ctx, model.id, messages=messages, **params)
+    result = await _generate(ctx, model.id, response, messages=messages, **params)
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -248,7 +251,7 @@ async def chat_completions(req: ChatCompletionRequest, ctx: Context = Depends(ge
 
 
 @router.post("/v1/completions", response_model=None)
-async def completions(req: CompletionRequest, ctx: Context = Depends(get_context)) -> Any:
+async def completions(req: CompletionRequest, response: Response, ctx: Context = Depends(get_context)) -> Any:
     model = ctx.model(req.model, family=FAMILY)
     params = sampling_params(req, req.max_tokens, "max_tokens")
     prompt = completion_prompt(req.prompt)
@@ -271,7 +274,7 @@ async def completions(req: CompletionRequest, ctx: Context = Depends(get_context
         first = prompt if req.echo else None
         return _stream_response(_events(gen, chunk, _include_usage(req), first=first, waiting=waiting))
 
-    result = await _generate(ctx, model.id, prompt=prompt, **params)
+    result = await _generate(ctx, model.id, response, prompt=prompt, **params)
     text = prompt + result["text"] if req.echo else result["text"]
     return {
         "id": completion_id,

@@ -63,3 +63,35 @@ async def comments(
         line = (await status_line(ctx, model)).replace("\n", " ")
         yield f": {line}\n\n"
         await asyncio.wait({pending}, timeout=every_s)
+
+
+#: Response headers of a non-streamed request that waited for its model.
+WAIT_HEADER, LOAD_HEADER = "X-GPU-Serve-Wait-S", "X-GPU-Serve-Load-S"
+
+
+def waited_for(events: list[dict[str, Any]], started_wall: float) -> dict[str, str]:
+    """Headers from the model's events during a request: how long it waited for admission (to
+    the router's admit) and how long the load or restore it waited on took."""
+    headers: dict[str, str] = {}
+    admit = next((e for e in events if e.get("action") == "admit"), None)
+    if admit is not None:
+        headers[WAIT_HEADER] = f"{max(0.0, float(admit['at']) - started_wall):.3f}"
+    moved = [e for e in events if e.get("to") == "gpu" and e.get("from") in ("loading", "restoring")]
+    if moved and moved[0].get("seconds") is not None:
+        headers[LOAD_HEADER] = f"{float(moved[0]['seconds']):.3f}"
+        headers.setdefault(WAIT_HEADER, "0.000")
+    return headers
+
+
+async def wait_headers(ctx: Context, model: str, started_wall: float, elapsed_s: float) -> dict[str, str]:
+    """For a request slower than `GRACE_S` (a fast one never waited): ask the router once."""
+    from serve_app.api.operations import call_router
+
+    if elapsed_s < GRACE_S:
+        return {}
+    try:
+        events = await asyncio.wait_for(call_router(ctx, "recent_events", model, started_wall), timeout=2.0)
+    except Exception as exc:  # a courtesy header must never fail the request
+        logger.debug("no wait headers for %r: %s", model, type(exc).__name__)
+        return {}
+    return waited_for(events, started_wall)

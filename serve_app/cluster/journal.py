@@ -64,6 +64,11 @@ class Journal:
                 1, {"model": model, "kind": kind or "offload", "reason": reason_category(reason)}
             )
 
+    def recent(self, model: str, since_wall: float) -> list[dict[str, Any]]:
+        """`model`'s events since a wall-clock time, oldest first (what a slow request waited on)."""
+        events, _ = self.log.since(0, limit=self.log.last_seq or 1)
+        return [e.as_dict() for e in events if e.model == model and e.at >= since_wall]
+
     def forget(self, live_requests: Any) -> None:
         self.filter.forget(live_requests)
 

@@ -460,6 +460,10 @@ class Router:
         """Long-poll the event journal (`/gpu/events`): events after `after_seq`, waiting up to `timeout_s`."""
         return await self.journal.wait_since(after_seq, timeout_s)
 
+    async def recent_events(self, model: str, since_wall: float) -> list[dict[str, Any]]:
+        """`model`'s events since `since_wall` (time.time): what a slow request waited for."""
+        return self.journal.recent(model, since_wall)
+
 
 def get_or_create_router(app: AppConfig) -> Any:
     """The cluster's router actor, created on first use; restarted by Ray if it dies."""

@@ -14,6 +14,8 @@ SLOW = "slow-model"
 EMBED = "all-MiniLM-L6-v2"
 #: Two text models scaled to zero, each cold for one streamed request that waits for its replica.
 LM_RAW, LM_SDK = "lm-progress-raw", "lm-progress-sdk"
+#: And one for a non-streamed request that waits (its wait and load seconds come as headers).
+LM_PLAIN = "lm-progress-plain"
 
 ARGS: dict[str, Any] = {
     "namespace": "gpu-serve-operator-test",
@@ -40,4 +42,5 @@ def operator_args() -> dict[str, Any]:
     path = build_tiny_causal_lm(Path(tempfile.mkdtemp(prefix="operator-lm-")) / "lm")
     lm = {"family": "transformers-causal-lm", "source": str(path), "num_gpus": 0.25,
           "resources": {"node_a": 1}, "autoscaling": fast_autoscaling()}
-    return {**ARGS, "models": [*ARGS["models"], {"id": LM_RAW, **lm}, {"id": LM_SDK, **lm}]}
+    return {**ARGS, "models": [*ARGS["models"], {"id": LM_RAW, **lm}, {"id": LM_SDK, **lm},
+                                      {"id": LM_PLAIN, **lm}]}

@@ -18,7 +18,7 @@ import pytest
 from mcp import Client, StdioServerParameters
 
 from serve_app.cluster.metrics import EXPORTED
-from tests.integration.operator_app import EMBED, LM_RAW, LM_SDK, operator_args
+from tests.integration.operator_app import EMBED, LM_PLAIN, LM_RAW, LM_SDK, operator_args
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -206,3 +206,12 @@ def test_openai_clients_ignore_the_progress_lines(url: str) -> None:
 def test_the_event_stream_refuses_a_bad_replay_id(url: str) -> None:
     r = httpx.get(f"{url}/gpu/events", params={"after": -1}, timeout=10)
     assert r.status_code == 400 and "after" in r.json()["error"]["message"]
+
+
+def test_a_non_streamed_request_that_waited_says_how_long_in_headers(url: str) -> None:
+    body = {"model": LM_PLAIN, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    assert float(r.headers["x-gpu-serve-load-s"]) > 0 and float(r.headers["x-gpu-serve-wait-s"]) >= 0
+    again = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)  # loaded: it did not wait
+    assert "x-gpu-serve-load-s" not in again.headers
