@@ -6,9 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
-SYSTEM_PACKAGES := espeak-ng sox
-# The live page's test drives Debian's Chromium (Playwright, executable_path).
-SYSTEM_PACKAGES += chromium
+SYSTEM_PACKAGES := espeak-ng sox chromium
 PYTEST_ARGS ?=
 
 .PHONY: run test install install-test system-deps lint unit integration bench k8s clean bench-gpu soak bench-peers bench-overhead

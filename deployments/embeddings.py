@@ -71,6 +71,9 @@ class EmbeddingsDeployment(ModelReplica):
         self.embedder = Embedder(self.adapter, self.config.max_batch_size)
         self.embed_batch.set_max_batch_size(self.config.max_batch_size)
         self.embed_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+        from serve_app.cluster.metrics import embeddings_batch_histogram
+
+        self.batch_sizes: Any = embeddings_batch_histogram()
 
     def make_adapter(self) -> TorchModuleAdapter:
         path = self.config.resolve_source()
@@ -86,6 +89,7 @@ class EmbeddingsDeployment(ModelReplica):
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def embed_batch(self, requests: list[list[str]]) -> list[dict[str, Any]]:
         flat = [text for texts in requests for text in texts]
+        self.batch_sizes.observe(len(flat), {"model": self.config.id})
         vectors, tokens = await self.run(self.embedder.encode, flat)
         out, start = [], 0
         for texts in requests:

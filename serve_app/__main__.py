@@ -1,4 +1,8 @@
-"""`python -m serve_app run`: start (or join) a Ray cluster and serve the configured models."""
+"""`python -m serve_app run`: start (or join) a Ray cluster and serve the configured models.
+
+`python -m serve_app mcp --url http://127.0.0.1:8000`: the MCP tools over stdio, for desktop
+clients, forwarding each call to the running service (admin key from GPU_SERVE_ADMIN_KEY).
+"""
 
 from __future__ import annotations
 
@@ -139,13 +143,29 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, else 8000)")
     p_run.add_argument("--logical-gpus", type=int, default=2, help="GPUs to declare when NVML finds none")
     p_run.add_argument("--logical-cpus", type=int, default=None, help="CPUs to declare to Ray (default: all)")
+    p_mcp = sub.add_parser("mcp", help="serve the MCP tools over stdio, forwarding to a running service")
+    p_mcp.add_argument("--url", default="http://127.0.0.1:8000", help="the service's base URL (default: %(default)s)")
+    p_mcp.add_argument("--key", default=None, help="admin key (default: $GPU_SERVE_ADMIN_KEY)")
     args = parser.parse_args(argv)
     from serve_app.logs import configure_logging
 
     configure_logging()
     if args.command == "run":
         return run(args)
+    if args.command == "mcp":
+        return mcp_stdio(args.url, args.key)
     return 1
+
+
+def mcp_stdio(url: str, key: str | None) -> int:
+    """stdout carries the protocol: nothing else may print there (logs go to stderr)."""
+    import anyio
+
+    from serve_app.api.mcp import HttpBackend, build_server
+
+    server = build_server(HttpBackend(url, key))
+    anyio.run(server.run_stdio_async)
+    return 0
 
 
 if __name__ == "__main__":

@@ -304,6 +304,11 @@ class HttpConfig(_Frozen):
         "cluster) instead of waiting for a replica. Turn off where the Ray autoscaler adds such nodes from zero.",
     )
     num_replicas: int = Field(1, ge=1, description="Ingress replicas.")
+    mcp_allowed_hosts: tuple[str, ...] = Field(
+        ("127.0.0.1:*", "localhost:*", "[::1]:*"),
+        description="Host headers /mcp accepts (DNS-rebinding protection; 'name:*' is any port, '*' turns the "
+        "check off). Add the names clients use in a cluster, e.g. 'gpu-serve-serve-svc:*'.",
+    )
 
 
     @field_validator("api_keys", "admin_keys", mode="before")

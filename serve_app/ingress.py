@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI
 from ray import serve
 
-from serve_app.api import admin, custom, embeddings, models
+from serve_app.api import admin, custom, embeddings, events, models, status_page
 from serve_app.api.auth import AuthMiddleware, context_keys
 from serve_app.api.context import Context, get_context, set_context
 from serve_app.api.errors import install_error_handlers
 from serve_app.api.limits import BodyLimitMiddleware
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, HttpConfig
 
 logger = logging.getLogger("serve_app.ingress")
 
@@ -30,14 +32,28 @@ def upload_limit() -> int:
 
 
 def build_fastapi() -> FastAPI:
-    app = FastAPI(title="gpu-serve", description="OpenAI-compatible multi-model serving with managed GPU memory.")
+    lifespans: list[Any] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Mounted sub-apps' lifespans never run: the ones that need it (MCP) are entered here.
+        async with contextlib.AsyncExitStack() as stack:
+            for enter in lifespans:
+                await stack.enter_async_context(enter())
+            yield
+
+    app = FastAPI(
+        title="gpu-serve", description="OpenAI-compatible multi-model serving with managed GPU memory.",
+        lifespan=lifespan,
+    )
     install_error_handlers(app)
     # Every route, mounted now or later (WebSocket, /mcp), passes the key rules first (the last
     # middleware added is the outermost), then the body limits, before the route reads a byte.
     app.add_middleware(BodyLimitMiddleware, limit=upload_limit)
     app.add_middleware(AuthMiddleware, keys=context_keys)
-    for module in (models, embeddings, admin, custom):
+    for module in (models, embeddings, admin, custom, events, status_page):
         app.include_router(module.router)
+    lifespans.append(mount_mcp(app))
     import importlib
 
     for name in (*OPTIONAL_ROUTERS, *REALTIME_ROUTERS):
@@ -49,6 +65,18 @@ def build_fastapi() -> FastAPI:
             continue
         app.include_router(mod.router)
     return app
+
+
+def mount_mcp(app: FastAPI) -> Any:
+    """Mount the MCP tools at `/mcp`; returns the session manager's context to enter at startup."""
+    from serve_app.api import mcp
+    from serve_app.api.context import current_context
+
+    ctx = current_context()
+    hosts = (ctx.config.http if ctx is not None else HttpConfig()).mcp_allowed_hosts
+    server = mcp.build_server(mcp.IngressBackend())
+    app.mount("/mcp", mcp.streamable_app(server, tuple(hosts)))
+    return server.session_manager.run
 
 
 @serve.deployment

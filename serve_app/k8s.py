@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from serve_app.cluster.hostmem import host_budget_bytes
-from serve_app.config import AppConfig, parse_app_config
+from serve_app.config import AppConfig, HttpConfig, parse_app_config
 
 SERVE_CONFIG = Path("serve_config.yaml")
 MANIFEST = Path("k8s/base/rayservice.yaml")
@@ -45,6 +45,12 @@ REPLICA_HOST_BYTES = 1 * GiB
 NODE_OVERHEAD_BYTES = 1 * GiB
 
 
+#: The names of KubeRay's Serve service for the RayService `gpu-serve` in namespace `gpu-serve`.
+SERVE_SERVICE_HOSTS = (
+    "gpu-serve-serve-svc:*", "gpu-serve-serve-svc.gpu-serve.svc:*", "gpu-serve-serve-svc.gpu-serve.svc.cluster.local:*",
+)
+
+
 def cluster_serve_config(local: dict[str, Any]) -> dict[str, Any]:
     """`serve_config.yaml` with what a cluster needs changed, and nothing else."""
     config = copy.deepcopy(local)
@@ -53,6 +59,9 @@ def cluster_serve_config(local: dict[str, Any]) -> dict[str, Any]:
     for app in config.get("applications", []):
         env = app.setdefault("runtime_env", {}).setdefault("env_vars", {})
         env["HF_HOME"] = HF_HOME
+        # /mcp checks the Host header (DNS rebinding): in the cluster clients use the Serve service's names.
+        http = app.setdefault("args", {}).setdefault("http", {})
+        http.setdefault("mcp_allowed_hosts", [*HttpConfig().mcp_allowed_hosts, *SERVE_SERVICE_HOSTS])
     return config
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -85,9 +86,14 @@ async def _handle(request: Request, ctx: Context, task: str) -> Response:
     handle = ctx.handles[model.id]
     options: TranscriptionOptions = params["options"]
     if params["stream"]:
-        return await _stream(handle, audio, options)
+        return await _stream(handle, audio, options, ctx=ctx, model_id=model.id)
+    from serve_app.api import progress
+
+    started, t0 = time.time(), time.perf_counter()
     result = await handle.transcribe.remote(audio, options)
-    return format_result(result, params["response_format"], params["granularities"])
+    out = format_result(result, params["response_format"], params["granularities"])
+    out.headers.update(await progress.wait_headers(ctx, model.id, started, time.perf_counter() - t0))
+    return out
 
 
 # --- request parsing ---------------------------------------------------------------------------
@@ -275,22 +281,52 @@ def to_vtt(segments: list[dict[str, Any]]) -> str:
 # --- streaming ---------------------------------------------------------------------------------
 
 
-async def _stream(handle: Any, audio: bytes, options: TranscriptionOptions) -> Response:
+async def _stream(
+    handle: Any, audio: bytes, options: TranscriptionOptions, *, ctx: Context | None = None, model_id: str = ""
+) -> Response:
     """Server-sent events. The first event is awaited before answering, so refusals (queue
-    full, bad audio, unsupported task) still get their status code instead of a 200 stream."""
+    full, bad audio, unsupported task) still get their status code instead of a 200 stream;
+    when it takes longer than `progress.GRACE_S` (the model loads or waits for room), the
+    stream starts with progress comment lines instead of keeping the client in silence."""
+    from serve_app.api import progress
+
     gen = handle.options(stream=True).transcribe_stream.remote(audio, options)
+    pending = None
     try:
-        first = await gen.__anext__()
+        first, pending = await progress.first_event(gen)
     except StopAsyncIteration:
         first = None
     except BaseException:
         gen.cancel()
         raise
+    events = sse_events(first, gen) if pending is None or ctx is None else _after_progress(ctx, model_id, pending, gen)
     return StreamingResponse(
-        sse_events(first, gen),
+        events,
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+async def _after_progress(ctx: Context, model_id: str, pending: Any, gen: Any) -> AsyncIterator[str]:
+    from serve_app.api import progress
+
+    handed_on = False
+    try:
+        async for line in progress.comments(ctx, model_id, pending):
+            yield line
+        try:
+            first = pending.result()
+        except StopAsyncIteration:
+            first = None
+        except Exception as exc:
+            yield sse(_error_event(exc))
+            return
+        handed_on = True
+        async for line in sse_events(first, gen):
+            yield line
+    finally:
+        if not handed_on:  # the client left while waiting, or the model failed: stop the replica's work
+            gen.cancel()
 
 
 async def sse_events(first: dict[str, Any] | None, events: Any) -> AsyncIterator[str]:

@@ -14,7 +14,8 @@ Two optional key sets, from the config (`http.api_keys`, `http.admin_keys`) or t
 Rules are matched by path prefix in an ASGI middleware, not per route, so routes added later
 (the realtime WebSocket, `/mcp`, `/gpu/events`) are covered the day they are mounted.
 Clients send `Authorization: Bearer KEY` (what the OpenAI SDK sends); a WebSocket may pass
-`?api_key=KEY` instead, because browsers cannot set headers on one. Keys are compared in
+`?api_key=KEY` instead, because browsers cannot set headers on one; so may `/gpu/events`
+(EventSource cannot set headers either). Keys are compared in
 constant time, against every configured key, and never logged: a refusal logs the client
 address and the path only.
 """
@@ -46,6 +47,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 API_KEYS_ENV = "GPU_SERVE_API_KEYS"
 ADMIN_KEYS_ENV = "GPU_SERVE_ADMIN_KEYS"
 QUERY_KEY = "api_key"
+#: HTTP routes a browser reaches without being able to set headers (EventSource): `?api_key=` works there.
+QUERY_KEY_PATHS = frozenset({"/gpu/events"})
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -202,7 +205,7 @@ def _unauthorized(key: str | None, *, admin: bool = False) -> Decision:
 
 
 def request_key(scope: Scope) -> str | None:
-    """The Bearer token; for a WebSocket also the `api_key` query parameter."""
+    """The Bearer token; for a WebSocket and the event stream also the `api_key` query parameter."""
     for name, value in scope.get("headers") or ():
         if name.lower() == b"authorization":
             text = value.decode("latin-1").strip()
@@ -210,7 +213,7 @@ def request_key(scope: Scope) -> str | None:
             if scheme.lower() == "bearer" and token.strip():
                 return token.strip()
             return text or None
-    if scope["type"] == "websocket":
+    if scope["type"] == "websocket" or scope.get("path") in QUERY_KEY_PATHS:
         values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get(QUERY_KEY)
         if values:
             return values[0]

@@ -2,12 +2,15 @@
 
 Both go to the model's `TextGenerationDeployment`: `generate` for a whole answer, and
 `generate_stream` (a Serve streaming handle) for server-sent events. A stream's first event
-arrives once the model is on its device, so a failed load or a full GPU still answers with a
-proper status code; after the headers are sent, an error can only travel as an `error` event.
+arrives once the model is on its device; when it comes within `progress.GRACE_S` (the model
+was ready) a refusal still answers with a proper status code. Otherwise the stream starts with
+progress comment lines (`: loading 'x' on GPU-0, 1.0 of ~3 s`) while the model loads or waits
+for room; after the headers are sent, an error can only travel as an `error` event.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -15,10 +18,11 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve_app.api import progress
 from serve_app.api.context import Context, get_context
 from serve_app.api.errors import unwrap
 from serve_app.errors import InvalidRequest, ServeError, error_body
@@ -129,32 +133,46 @@ def _include_usage(req: _Sampling) -> bool:
     return bool((req.stream_options or {}).get("include_usage"))
 
 
-async def _generate(ctx: Context, model_id: str, **kwargs: Any) -> dict[str, Any]:
+async def _generate(ctx: Context, model_id: str, response: Response, **kwargs: Any) -> dict[str, Any]:
+    started, t0 = time.time(), time.perf_counter()
     try:
-        return await ctx.handles[model_id].generate.remote(**kwargs)
+        result = await ctx.handles[model_id].generate.remote(**kwargs)
     except Exception as exc:
         raise unwrap(exc) from None
+    response.headers.update(await progress.wait_headers(ctx, model_id, started, time.perf_counter() - t0))
+    return result
 
 
-async def _open_stream(ctx: Context, model_id: str, **kwargs: Any) -> Any:
-    """Start a streaming generation and wait for its first event (the model is ready)."""
+async def _open_stream(ctx: Context, model_id: str, **kwargs: Any) -> tuple[Any, asyncio.Future[Any] | None]:
+    """Start a streaming generation and wait briefly for its first event (the model is ready);
+    still pending after `progress.GRACE_S`, it is returned for the stream to wait on, sending
+    progress lines meanwhile."""
     gen = ctx.handles[model_id].options(stream=True).generate_stream.remote(**kwargs)
     try:
-        await gen.__anext__()
+        _, pending = await progress.first_event(gen)
     except Exception as exc:
         gen.cancel()
         raise unwrap(exc) from None
-    return gen
+    return gen, pending
 
 
 def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def _events(gen: Any, chunk: Any, include_usage: bool, first: str | None = None) -> AsyncIterator[str]:
-    """SSE lines for a stream: `chunk(text=..., finish_reason=...)` builds each payload."""
+async def _events(
+    gen: Any, chunk: Any, include_usage: bool, first: str | None = None,
+    waiting: tuple[Context, str, asyncio.Future[Any]] | None = None,
+) -> AsyncIterator[str]:
+    """SSE lines for a stream: `chunk(text=..., finish_reason=...)` builds each payload.
+    `waiting`: the model is not ready yet; progress comment lines come first."""
     finished = False
     try:
+        if waiting is not None:
+            ctx, model_id, pending = waiting
+            async for line in progress.comments(ctx, model_id, pending):
+                yield line
+            pending.result()  # a failed load or no room: an error event below
         if first is not None:
             yield _sse(chunk(first=first))
         async for event in gen:
@@ -186,7 +204,7 @@ def _stream_response(events: AsyncIterator[str]) -> StreamingResponse:
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(req: ChatCompletionRequest, ctx: Context = Depends(get_context)) -> Any:
+async def chat_completions(req: ChatCompletionRequest, response: Response, ctx: Context = Depends(get_context)) -> Any:
     model = ctx.model(req.model, family=FAMILY)
     max_tokens, param = req.max_tokens, "max_tokens"
     if req.max_completion_tokens is not None:
@@ -196,7 +214,8 @@ async def chat_completions(req: ChatCompletionRequest, ctx: Context = Depends(ge
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     if req.stream:
-        gen = await _open_stream(ctx, model.id, messages=messages, **params)
+        gen, pending = await _open_stream(ctx, model.id, messages=messages, **params)
+        waiting = (ctx, model.id, pending) if pending is not None else None
 
         def chunk(
             text: str | None = None, finish_reason: str | None = None, usage: dict[str, int] | None = None,
@@ -211,9 +230,9 @@ async def chat_completions(req: ChatCompletionRequest, ctx: Context = Depends(ge
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
             return {**base, "choices": [choice]}
 
-        return _stream_response(_events(gen, chunk, _include_usage(req), first="role"))
+        return _stream_response(_events(gen, chunk, _include_usage(req), first="role", waiting=waiting))
 
-    result = await _generate(ctx, model.id, messages=messages, **params)
+    result = await _generate(ctx, model.id, response, messages=messages, **params)
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -232,14 +251,15 @@ async def chat_completions(req: ChatCompletionRequest, ctx: Context = Depends(ge
 
 
 @router.post("/v1/completions", response_model=None)
-async def completions(req: CompletionRequest, ctx: Context = Depends(get_context)) -> Any:
+async def completions(req: CompletionRequest, response: Response, ctx: Context = Depends(get_context)) -> Any:
     model = ctx.model(req.model, family=FAMILY)
     params = sampling_params(req, req.max_tokens, "max_tokens")
     prompt = completion_prompt(req.prompt)
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     if req.stream:
-        gen = await _open_stream(ctx, model.id, prompt=prompt, **params)
+        gen, pending = await _open_stream(ctx, model.id, prompt=prompt, **params)
+        waiting = (ctx, model.id, pending) if pending is not None else None
 
         def chunk(
             text: str | None = None, finish_reason: str | None = None, usage: dict[str, int] | None = None,
@@ -252,9 +272,9 @@ async def completions(req: CompletionRequest, ctx: Context = Depends(get_context
             return {**base, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
 
         first = prompt if req.echo else None
-        return _stream_response(_events(gen, chunk, _include_usage(req), first=first))
+        return _stream_response(_events(gen, chunk, _include_usage(req), first=first, waiting=waiting))
 
-    result = await _generate(ctx, model.id, prompt=prompt, **params)
+    result = await _generate(ctx, model.id, response, prompt=prompt, **params)
     text = prompt + result["text"] if req.echo else result["text"]
     return {
         "id": completion_id,

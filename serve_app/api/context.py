@@ -56,6 +56,11 @@ def set_context(ctx: Context | None) -> None:
     _context = ctx
 
 
+def current_context() -> Context | None:
+    """The context if the ingress set it yet (app builders run after it in Serve, before it in some tests)."""
+    return _context
+
+
 def get_context() -> Context:
     if _context is None:
         raise RuntimeError("the ingress context is not set; the ingress deployment sets it at start")

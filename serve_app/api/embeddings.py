@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import time
 from typing import Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from serve_app.api import progress
 from serve_app.api.context import Context, get_context
 from serve_app.errors import InvalidRequest
 
@@ -36,7 +38,9 @@ class EmbeddingsRequest(BaseModel):
 
 
 @router.post("/v1/embeddings")
-async def create_embeddings(req: EmbeddingsRequest, ctx: Context = Depends(get_context)) -> dict[str, Any]:
+async def create_embeddings(
+    req: EmbeddingsRequest, response: Response, ctx: Context = Depends(get_context)
+) -> dict[str, Any]:
     model = ctx.model(req.model, family="sentence-transformers")
     texts = [req.input] if isinstance(req.input, str) else list(req.input)
     if not texts:
@@ -50,7 +54,9 @@ async def create_embeddings(req: EmbeddingsRequest, ctx: Context = Depends(get_c
     for i, text in enumerate(texts):
         if not text.strip():
             raise InvalidRequest(f"input[{i}] is empty; every input must contain text", param="input")
+    started, t0 = time.time(), time.perf_counter()
     result = await ctx.handles[model.id].embed.remote(texts)
+    response.headers.update(await progress.wait_headers(ctx, model.id, started, time.perf_counter() - t0))
     vectors: np.ndarray = result["embeddings"]
     if req.dimensions is not None:
         if req.dimensions > vectors.shape[1]:

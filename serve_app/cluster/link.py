@@ -18,7 +18,9 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import time
 import uuid
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from serve_app.config import AppConfig, ModelConfig
@@ -60,6 +62,9 @@ class RouterLink:
         self._tasks: list[asyncio.Task[None]] = []
         self._report_now = asyncio.Event()
         self._stopped = False
+        #: Transitions not yet reported; sent with the next heartbeat (`/gpu/events`). Bounded: a
+        #: replica cut off from the router keeps the latest.
+        self._transitions: deque[dict[str, Any]] = deque(maxlen=200)
 
     @classmethod
     def for_current_replica(cls, config: ModelConfig, app: AppConfig) -> RouterLink:
@@ -117,7 +122,22 @@ class RouterLink:
         }
 
     def on_transition(self, event: TransitionEvent) -> None:
+        fp = self._lifecycle.footprint if self._lifecycle is not None else None
+        size = max(fp.bytes_gpu, fp.bytes_cpu) if fp is not None else 0
+        self._transitions.append(
+            {
+                "from": event.old.value, "to": event.new.value, "reason": event.reason, "at": time.time(),
+                "seconds": None if event.duration_s is None else round(event.duration_s, 4), "bytes": size or None,
+            }
+        )
         self._report_now.set()
+
+    def _report(self) -> dict[str, Any]:
+        """`info()` plus the transitions made since the last report (taken out of the queue)."""
+        info = self.info()
+        info["transitions"] = list(self._transitions)
+        self._transitions.clear()
+        return info
 
     def on_usage(self, in_flight: int) -> None:
         """Busy/idle edges reach the router promptly, so it never picks a busy model to evict."""
@@ -145,14 +165,24 @@ class RouterLink:
             try:
                 router = await self._router_handle()
                 if not self._registered:
-                    policy = await router.register.remote(self.info())
+                    report = self._report()
+                    try:
+                        policy = await router.register.remote(report)
+                    except BaseException:
+                        self._transitions.extendleft(reversed(report["transitions"]))
+                        raise
                     self._apply_policy(policy)
                     self._registered = True
                     if not self.connected:
                         logger.info("replica %s registered with the router", self.replica_id)
                     self.connected = True
                 else:
-                    known = await router.heartbeat.remote(self.info())
+                    report = self._report()
+                    try:
+                        known = await router.heartbeat.remote(report)
+                    except BaseException:
+                        self._transitions.extendleft(reversed(report["transitions"]))
+                        raise
                     if not known:  # the router restarted and lost its state
                         self._registered = False
                         continue

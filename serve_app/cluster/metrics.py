@@ -6,6 +6,20 @@ from __future__ import annotations
 from typing import Any
 
 STATES = ("unloaded", "loading", "gpu", "offloading", "cpu", "restoring", "releasing")
+#: Seconds a move may take, from a few ms (a restore on the CPU tier) to a large model's cold load.
+MOVE_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
+#: Every series this module and the embeddings deployment export, as Prometheus names them
+#: (Ray prefixes `ray_`; counters get `_total` once, histograms `_bucket`/`_sum`/`_count`).
+#: The dashboard test checks its queries against this list, and the scrape test against the export.
+EXPORTED = (
+    "ray_gpu_serve_gpu_used_bytes", "ray_gpu_serve_gpu_free_bytes", "ray_gpu_serve_model_instances",
+    "ray_gpu_serve_model_gpu_bytes", "ray_gpu_serve_model_cpu_bytes", "ray_gpu_serve_load_queue_length",
+    "ray_gpu_serve_admissions_total", "ray_gpu_serve_evictions_total", "ray_gpu_serve_admission_wait_seconds",
+    "ray_gpu_serve_transition_seconds", "ray_gpu_serve_evictions_by_reason_total",
+    "ray_gpu_serve_model_in_flight", "ray_gpu_serve_embeddings_batch_size",
+    "ray_gpu_serve_policy_audit_gpu_misses", "ray_gpu_serve_policy_audit_belady_misses",
+    "ray_gpu_serve_policy_audit_ratio",
+)
 
 
 class RouterMetrics:
@@ -35,6 +49,15 @@ class RouterMetrics:
             "gpu_serve_policy_audit_belady_misses", "Belady-Size's misses on the same requests and capacity"
         )
         self.audit_ratio = Gauge("gpu_serve_policy_audit_ratio", "Live GPU misses over Belady-Size's")
+        self.transition_seconds = Histogram(
+            "gpu_serve_transition_seconds", "Duration of each load, restore, offload and release",
+            boundaries=MOVE_BUCKETS_S, tag_keys=("model", "move"),
+        )
+        self.evictions_by_reason = Counter(
+            "gpu_serve_evictions_by_reason_total", "Offloads and releases the policy ordered, by why",
+            tag_keys=("model", "kind", "reason"),
+        )
+        self.in_flight = Gauge("gpu_serve_model_in_flight", "Requests in flight per model", tag_keys=("model",))
 
     def observe(self, status: dict[str, Any]) -> None:
         for g in status["gpus"]:
@@ -43,7 +66,9 @@ class RouterMetrics:
             self.gpu_free.set(g["free_bytes"], tags)
         counts: dict[tuple[str, str], int] = {}
         held: dict[str, tuple[int, int]] = {}
+        busy: dict[str, int] = {}
         for m in status["models"]:
+            busy[m["model"]] = busy.get(m["model"], 0) + int(m.get("in_flight") or 0)
             if m["replica"] is not None:
                 counts[(m["model"], m["state"])] = counts.get((m["model"], m["state"]), 0) + 1
             gpu, cpu = held.get(m["model"], (0, 0))
@@ -60,3 +85,15 @@ class RouterMetrics:
             self.audit_belady.set(audit["belady_misses"])
             if audit.get("ratio") is not None:
                 self.audit_ratio.set(audit["ratio"])
+        for model, n in busy.items():
+            self.in_flight.set(n, {"model": model})
+
+
+def embeddings_batch_histogram() -> object:
+    """Texts per forward pass of an embeddings replica (requests merged by `@serve.batch`)."""
+    from ray.util.metrics import Histogram
+
+    return Histogram(
+        "gpu_serve_embeddings_batch_size", "Texts per embeddings forward pass",
+        boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256], tag_keys=("model",),
+    )

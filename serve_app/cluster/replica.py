@@ -52,12 +52,19 @@ class ModelReplica:
             admit=self.link.admit,
             on_event=self.link.on_transition,
             on_usage=self.link.on_usage,
+            location=self.link.gpus[0] if self.link.gpus else None,
+            need_bytes=self._expected_bytes,
         )
         self.link.attach(self.lifecycle, self.adapter)
         self.link.start()
 
     def make_adapter(self) -> ModelAdapter:
         raise NotImplementedError
+
+    def _expected_bytes(self) -> int | None:
+        """For the load log line: the last measured footprint, else the declared, else the files' size."""
+        measured = max(self.lifecycle.footprint.bytes_gpu, self.lifecycle.footprint.bytes_cpu)
+        return measured or self.config.vram_bytes or self.adapter.weights_bytes()
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run blocking model work in a thread while holding a lease on the model."""

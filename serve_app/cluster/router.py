@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from serve_app.cluster import status as status_doc
+from serve_app.cluster.journal import Journal
 from serve_app.cluster.names import ROUTER_NAME
 from serve_app.cluster.readings import GpuReadings
 from serve_app.cluster.registry import ReplicaRecord, ReplicaRegistry
@@ -105,10 +106,12 @@ class Router:
         self._probes: dict[str, Any] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.metrics: Any = None
+        self.journal = Journal()
         if start_loops:
             from serve_app.cluster.metrics import RouterMetrics
 
             self.metrics = RouterMetrics()
+            self.journal.metrics = self.metrics
             self._tasks.append(asyncio.get_running_loop().create_task(self._tick_loop()))
             self._tasks.append(asyncio.get_running_loop().create_task(self._probe_loop()))
         logger.info("router started with %d configured models", len(self.config.models))
@@ -126,6 +129,7 @@ class Router:
         moves = info["status"].get("moves")
         if isinstance(moves, dict):
             self._moves_seen.setdefault(info["replica"], dict(moves))
+        self.journal.transitions(info)
         self.registry.register(info)
         self._wake.set()
         return self.policies.get(info["model"], {})
@@ -136,6 +140,7 @@ class Router:
 
     async def heartbeat(self, info: dict[str, Any]) -> bool:
         self._ingest(info)
+        self.journal.transitions(info)
         rec = self.replicas.get(info["replica"])
         if rec is None:
             return False
@@ -438,22 +443,39 @@ class Router:
         snap = self.snapshot()
         for action in decide(snap, self.clock()):
             if isinstance(action, Admit):
+                pending = self.pending.get(action.request_id)
+                if pending is not None and not pending.future.done():
+                    self.journal.decision(
+                        "admit", action.model, action.replica, action.reason, request_id=action.request_id,
+                        gpu=action.gpu, bytes=pending.load.bytes_needed, kind=pending.load.kind,
+                    )
                 self._admit(action)
             elif isinstance(action, Offload | Release):
                 kind = "offload" if isinstance(action, Offload) else "release"
                 rec = self.replicas.get(action.replica)
                 if rec is not None and rec.command_outstanding is None:
                     self.registry.send(action.replica, kind, action.reason)
+                    self.journal.decision(
+                        "evict", action.model, action.replica, action.reason, gpu=rec.gpu,
+                        bytes=int(rec.status.get("bytes_gpu") or 0), kind=kind,
+                    )
                     if self.metrics is not None:
                         self.metrics.evictions.inc(1, {"model": action.model, "kind": kind})
             elif isinstance(action, Wait):
                 pending = self.pending.get(action.request_id)
                 if pending is not None:
                     pending.reason = action.reason
+                    self.journal.decision(
+                        "wait", action.model, action.replica, action.reason, request_id=action.request_id,
+                        bytes=pending.load.bytes_needed,
+                    )
             elif isinstance(action, Reject):
                 pending = self.pending.pop(action.request_id, None)
                 if pending is not None and not pending.future.done():
+                    self.journal.decision("reject", action.model, action.replica, action.reason,
+                                          request_id=action.request_id)
                     pending.future.set_result({"admitted": False, "never": True, "reason": action.reason})
+        self.journal.forget(self.pending)
 
     def _admit(self, action: Admit) -> None:
         pending = self.pending.pop(action.request_id, None)
@@ -528,6 +550,14 @@ class Router:
 
     async def ping(self) -> bool:
         return True
+
+    async def events(self, after_seq: int, timeout_s: float) -> dict[str, Any]:
+        """Long-poll the event journal (`/gpu/events`): events after `after_seq`, waiting up to `timeout_s`."""
+        return await self.journal.wait_since(after_seq, timeout_s)
+
+    async def recent_events(self, model: str, since_wall: float) -> list[dict[str, Any]]:
+        """`model`'s events since `since_wall` (time.time): what a slow request waited for."""
+        return self.journal.recent(model, since_wall)
 
 
 def get_or_create_router(app: AppConfig) -> Any:

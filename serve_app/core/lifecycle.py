@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serve_app.adapters import Footprint, ModelAdapter
+from serve_app.core.events import humanise_bytes
 from serve_app.core.states import ALLOWED, IllegalTransition, ModelState
 from serve_app.errors import ModelLoadError
 
@@ -85,6 +86,10 @@ class Lifecycle:
     on_event: Callable[[TransitionEvent], None] | None = None
     #: Called with the in-flight count when it becomes 1 (busy) or 0 (idle).
     on_usage: Callable[[int], None] | None = None
+    #: Where the weights go, for the logs (a GPU's id); the device when unset.
+    location: str | None = None
+    #: Bytes a load is expected to need, for the logs ("Loading model 'x' on GPU-1 (needs 90 MiB)").
+    need_bytes: Callable[[], int | None] | None = None
 
     def __post_init__(self) -> None:
         self.state: ModelState = S.UNLOADED
@@ -370,7 +375,7 @@ class Lifecycle:
     async def _run_load(self) -> None:
         self._transition(S.LOADING, "first request" if self.timings.last_load_s is None else "reload")
         self.loads += 1
-        logger.info("Loading model %r on %s.", self.model, self.device)
+        logger.info("Loading model %r on %s (needs %s).", self.model, self.location or self.device, self._needs())
         start = time.perf_counter()
         try:
             await asyncio.to_thread(self.adapter.load, self.device)
@@ -388,10 +393,14 @@ class Lifecycle:
         self.last_error = None
         self.last_used_at = self.clock()
         self._transition(S.GPU, "loaded", duration_s=elapsed)
-        logger.info("Loaded model %r in %.1fms.", self.model, elapsed * 1000)
+        logger.info("Loaded model %r in %.1f ms.", self.model, elapsed * 1000)
 
     async def _run_restore(self) -> None:
         self._transition(S.RESTORING, "request arrived")
+        logger.info(
+            "Restoring model %r on %s (needs %s).", self.model, self.location or self.device,
+            humanise_bytes(self.footprint.bytes_cpu) if self.footprint.bytes_cpu else self._needs(),
+        )
         start = time.perf_counter()
         try:
             await asyncio.to_thread(self.adapter.to_gpu)
@@ -414,10 +423,11 @@ class Lifecycle:
         self.last_error = None
         self.last_used_at = self.clock()
         self._transition(S.GPU, "restored", duration_s=elapsed)
-        logger.info("Restored model %r in %.1fms.", self.model, elapsed * 1000)
+        logger.info("Restored model %r in %.1f ms.", self.model, elapsed * 1000)
 
     async def _run_offload(self, reason: str) -> None:
         self._transition(S.OFFLOADING, reason)
+        logger.info("Offloading model %r to CPU (%s).", self.model, reason)
         start = time.perf_counter()
         try:
             await asyncio.to_thread(self.adapter.to_cpu)
@@ -431,10 +441,11 @@ class Lifecycle:
         self.moves["offload"] += 1
         self.footprint = self.adapter.footprint()
         self._transition(S.CPU, reason, duration_s=elapsed)
-        logger.info("Offloaded model %r to CPU in %.1fms (%s).", self.model, elapsed * 1000, reason)
+        logger.info("Offloaded model %r to CPU in %.1f ms (%s).", self.model, elapsed * 1000, reason)
 
     async def _run_release(self, reason: str) -> None:
         self._transition(S.RELEASING, reason)
+        logger.info("Releasing model %r (%s).", self.model, reason)
         start = time.perf_counter()
         await asyncio.to_thread(_safe_release, self.adapter)
         elapsed = time.perf_counter() - start
@@ -442,7 +453,14 @@ class Lifecycle:
         self.moves["release"] += 1
         self.footprint = Footprint()
         self._transition(S.UNLOADED, reason, duration_s=elapsed)
-        logger.info("Released model %r in %.1fms (%s).", self.model, elapsed * 1000, reason)
+        logger.info("Released model %r in %.1f ms (%s).", self.model, elapsed * 1000, reason)
+
+    def _needs(self) -> str:
+        try:
+            need = self.need_bytes() if self.need_bytes is not None else None
+        except Exception:
+            need = None
+        return humanise_bytes(need) if need else "size unknown until loaded"
 
     # --- reporting -------------------------------------------------------------------------
 

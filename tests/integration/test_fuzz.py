@@ -34,6 +34,8 @@ def test_fuzz_every_operation_no_5xx_no_hang(hardened_url: str) -> None:
     slowest = 0.0
     for result in schema.get_all_operations():
         op = result.ok()
+        if op.path == "/gpu/events":  # an endless event stream by design (test_operator.py covers it)
+            continue
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
 
             @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))

@@ -81,10 +81,12 @@ def test_admin_key_rules() -> None:
     assert_openai_error(c.get("/gpu/status"), 401, "missing_api_key")
     assert c.get("/gpu/status", headers=bearer(API)).status_code == 503
     assert c.get("/gpu/status", headers=bearer(ADMIN)).status_code == 503
-    # Routes other engineers mount later are covered by prefix: events and MCP need admin.
-    for method, path in (("GET", "/gpu/events"), ("POST", "/mcp"), ("GET", "/mcp/"), ("POST", "/anything")):
+    # Events, MCP and routes mounted later are covered by prefix: they need admin.
+    for method, path in (("GET", "/gpu/events"), ("POST", "/mcp/"), ("GET", "/mcp/"), ("POST", "/anything")):
         assert c.request(method, path, headers=bearer(API)).status_code == 403
-        assert c.request(method, path, headers=bearer(ADMIN)).status_code == 404  # past auth; not mounted here
+    assert c.post("/anything", headers=bearer(ADMIN)).status_code == 404  # past auth; not mounted
+    r = c.get("/gpu/events", headers=bearer(ADMIN))  # past auth: no router here, so 503 at once, no stream
+    assert r.status_code == 503 and r.json()["error"]["code"] == "router_unavailable"
 
 
 def test_health_and_schema_need_no_key() -> None:
