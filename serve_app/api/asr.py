@@ -32,7 +32,7 @@ from deployments.vad import pcm16_to_float
 from deployments.whisper import TranscriptionOptions
 from serve_app.api.context import get_context
 from serve_app.api.realtime import speech_models
-from serve_app.api.session import SessionClosed, TranscriptionSession
+from serve_app.api.session import SessionClosed, TranscriptionSession, next_message
 from serve_app.core.turns import TurnParams
 from serve_app.errors import InvalidRequest, ModelNotFound, ServeError
 
@@ -143,11 +143,8 @@ class AsrConnection:
         assert self.session is not None
         odd = b""
         while True:
-            try:
-                message = await self.ws.receive()
-            except (WebSocketDisconnect, RuntimeError):
-                return
-            if message["type"] == "websocket.disconnect":
+            message = await next_message(self.ws)
+            if message is None:
                 return
             data = message.get("bytes")
             if data is None:

@@ -36,7 +36,7 @@ from starlette.websockets import WebSocketState
 from deployments.vad import pcm16_to_float
 from deployments.whisper import TranscriptionOptions
 from serve_app.api.context import Context, get_context
-from serve_app.api.session import SessionClosed, TranscriptionSession, new_id
+from serve_app.api.session import SessionClosed, TranscriptionSession, new_id, next_message
 from serve_app.core.turns import TurnParams
 from serve_app.errors import InvalidRequest, ModelNotFound, ServeError
 
@@ -330,11 +330,8 @@ class RealtimeConnection:
 
     async def _receive(self) -> None:
         while True:
-            try:
-                message = await self.ws.receive()
-            except (WebSocketDisconnect, RuntimeError):
-                return
-            if message["type"] == "websocket.disconnect":
+            message = await next_message(self.ws)
+            if message is None:
                 return
             text = message.get("text")
             if text is None:

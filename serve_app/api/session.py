@@ -55,6 +55,17 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(10)}"
 
 
+
+async def next_message(ws: Any) -> dict[str, Any] | None:
+    """The client's next WebSocket message, or None once it has gone (both protocols read so)."""
+    from fastapi import WebSocketDisconnect
+
+    try:
+        message = await ws.receive()
+    except (WebSocketDisconnect, RuntimeError):
+        return None
+    return None if message["type"] == "websocket.disconnect" else message
+
 @dataclass
 class Turn:
     item_id: str
