@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from serve_app.config import ModelConfig  # noqa: E402
 from serve_app.core.audit import belady_lower_bound  # noqa: E402
 from serve_app.core.cost import DEFAULT_TAU_S, DecayedRate  # noqa: E402
 from serve_app.core.policy import decide, estimate_need_bytes  # noqa: E402
@@ -71,7 +72,9 @@ RELEASE_S = 0.05
 TICK_S = 1.0  # the router's tick_s
 NODE = "node-0"
 #: The defaults of `serve_app.config.ModelConfig` (idle_timeout_s, release_timeout_s).
-DEFAULT_TIMEOUTS = (300.0, 1800.0)
+DEFAULT_TIMEOUTS = tuple(ModelConfig.model_fields[k].default for k in ("idle_timeout_s", "release_timeout_s"))
+#: The defaults before issue #12, kept as a variant for comparison.
+OLD_TIMEOUTS = (300.0, 1800.0)
 HEADROOM = 1.2  # RouterConfig.headroom_factor
 
 
@@ -578,7 +581,7 @@ class Timeout(Planner):
 
 
 def planners(
-    timeouts: tuple[float | None, float | None], loads: tuple[int, ...] = (1, 2)
+    timeouts: tuple[float | None, float | None], loads: tuple[int, ...] = (1, 2), compare_old: bool = False
 ) -> list[Callable[[], Planner]]:
     out: list[Callable[[], Planner]] = [lambda n=n: GpuServe(timeouts, n) for n in loads]
     # What the router's safety knobs cost: its headroom_factor on loads, and the idle timeouts.
@@ -586,6 +589,8 @@ def planners(
     if timeouts != (None, None):
         out.append(lambda: GpuServe((None, None), suffix="@timeouts=none"))
         out.append(lambda: GpuServe(timeouts, suffix="@timeout_max_cost_s=0.1", timeout_max_cost_s=0.1))
+    if compare_old:  # the defaults before issue #12 (idle 300 s, release 1800 s)
+        out.append(lambda: GpuServe(OLD_TIMEOUTS, suffix="@timeouts=300/1800"))
     out += [LruBytes, lambda: Timeout(60.0), lambda: Timeout(600.0), LruCount, Gdsf, BeladySize]
     return out
 
@@ -603,7 +608,7 @@ def simulate(
     """Every policy over one trace; `curves` (if given) receives each policy's miss times."""
     to = DEFAULT_TIMEOUTS if timeouts == "default" else (None, None)
     results: dict[str, dict[str, float]] = {}
-    for make in planners(to, loads):
+    for make in planners(to, loads, compare_old=timeouts == "default"):
         planner = make()
         sim = Sim(specs, trace, gpus, host_gib, margin_bytes)
         results[planner.name] = sim.run(planner)
