@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from serve_app.config import ModelConfig  # noqa: E402
+from serve_app.config import ModelConfig, RouterConfig  # noqa: E402
 from serve_app.core.audit import belady_lower_bound  # noqa: E402
 from serve_app.core.cost import DEFAULT_TAU_S, DecayedRate  # noqa: E402
 from serve_app.core.policy import decide, estimate_need_bytes  # noqa: E402
@@ -75,7 +75,7 @@ NODE = "node-0"
 DEFAULT_TIMEOUTS = tuple(ModelConfig.model_fields[k].default for k in ("idle_timeout_s", "release_timeout_s"))
 #: The defaults before issue #12, kept as a variant for comparison.
 OLD_TIMEOUTS = (300.0, 1800.0)
-HEADROOM = 1.2  # RouterConfig.headroom_factor
+HEADROOM = RouterConfig.model_fields["headroom_factor"].default
 
 
 @dataclass(frozen=True)
@@ -585,7 +585,7 @@ def planners(
 ) -> list[Callable[[], Planner]]:
     out: list[Callable[[], Planner]] = [lambda n=n: GpuServe(timeouts, n) for n in loads]
     # What the router's safety knobs cost: its headroom_factor on loads, and the idle timeouts.
-    out.append(lambda: GpuServe(timeouts, headroom=1.0, suffix="@headroom=1.0"))
+    out.append(lambda: GpuServe(timeouts, headroom=1.2, suffix="@headroom=1.2"))
     if timeouts != (None, None):
         out.append(lambda: GpuServe((None, None), suffix="@timeouts=none"))
         out.append(lambda: GpuServe(timeouts, suffix="@timeout_max_cost_s=0.1", timeout_max_cost_s=0.1))
