@@ -658,8 +658,11 @@ def targets(scenario: str, r: dict[str, dict[str, float]]) -> list[tuple[str, bo
     else:
         out.append(("GPU misses <= 1.2x Belady-Size", me["gpu_misses"] <= 1.2 * belady["gpu_misses"]))
         out.append(("cold loads <= 20", me["cold_loads"] <= 20))
-        out.append(("lowest reload seconds of every policy",
-                    all(me["reload_s"] <= row["reload_s"] for n, row in r.items() if "reload_s" in row)))
+        # Every other policy: the baselines and belady-size (gpu-serve@... rows are this policy under
+        # other settings, shown for what the settings cost, and listed separately below).
+        out.append(("lowest reload seconds of every other policy",
+                    all(me["reload_s"] <= row["reload_s"] for n, row in r.items()
+                        if "reload_s" in row and not n.startswith("gpu-serve"))))
     return out
 
 
@@ -683,6 +686,9 @@ def report(trace_dir: Path, out_dir: Path, workers: int = 2) -> int:
         for label, ok in targets(scenario, results):
             lines.append(f"- {'met' if ok else 'MISSED'}: {label}")
             missed += not ok
+        lower = [n for n, row in results.items() if row.get("reload_s", 1e18) < results["gpu-serve"]["reload_s"]]
+        if lower:
+            lines.append(f"- lower reload seconds than gpu-serve: {', '.join(lower)}")
         if "decide_p99_ms" in results["gpu-serve"]:
             lines.append(f"- decide() p99 on this run's snapshots: {results['gpu-serve']['decide_p99_ms']} ms")
         lines.append("")

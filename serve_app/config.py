@@ -257,7 +257,7 @@ class RouterConfig(_Frozen):
         20000, ge=0, description="Request arrivals (and, apart, weight moves) the trace ring keeps; 0: no trace."
     )
     audit_window_s: float = Field(3600.0, gt=0, description="Sliding window of the policy self-audit.")
-    rate_tau_s: float = Field(60.0, gt=0, description="Time constant of each model's decayed request rate.")
+    rate_tau_s: float = Field(30.0, gt=0, description="Time constant of each model's decayed request rate.")
     timeout_max_cost_s: float | None = Field(
         None, gt=0,
         description=(
