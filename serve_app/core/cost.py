@@ -22,6 +22,8 @@ cold loads on one 48 GiB GPU and 219/308/81 GPU misses on two 24 GiB GPUs with t
 tau 30 s 215/258/83 and 217/315/74; tau 20 s 215/255/83 and 225/315/72 (30 cold loads on seed2);
 tau 120 s 251/293/76 (headroom 1.2) and 218/319/89. Horizons of 5-600 s and dropping the ``1/idle``
 cap did not do better on both scenarios (600 s: 226/276/70 cold loads; no cap: 229/264/86, 234/322/87).
+On one GPU no online order tried reaches 1.2x Belady-Size (198/235/67): the same `decide()` ranking by
+recency alone made 209/259/83, counting misses instead of seconds 210/261/81, GDSF 237/265/99.
 """
 
 from __future__ import annotations
