@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from serve_app.config import ModelConfig, RouterConfig  # noqa: E402
 from serve_app.core.audit import belady_lower_bound  # noqa: E402
 from serve_app.core.cost import DEFAULT_TAU_S, DecayedRate  # noqa: E402
 from serve_app.core.policy import decide, estimate_need_bytes  # noqa: E402
@@ -71,8 +72,10 @@ RELEASE_S = 0.05
 TICK_S = 1.0  # the router's tick_s
 NODE = "node-0"
 #: The defaults of `serve_app.config.ModelConfig` (idle_timeout_s, release_timeout_s).
-DEFAULT_TIMEOUTS = (300.0, 1800.0)
-HEADROOM = 1.2  # RouterConfig.headroom_factor
+DEFAULT_TIMEOUTS = tuple(ModelConfig.model_fields[k].default for k in ("idle_timeout_s", "release_timeout_s"))
+#: The defaults before issue #12, kept as a variant for comparison.
+OLD_TIMEOUTS = (300.0, 1800.0)
+HEADROOM = RouterConfig.model_fields["headroom_factor"].default
 
 
 @dataclass(frozen=True)
@@ -578,14 +581,16 @@ class Timeout(Planner):
 
 
 def planners(
-    timeouts: tuple[float | None, float | None], loads: tuple[int, ...] = (1, 2)
+    timeouts: tuple[float | None, float | None], loads: tuple[int, ...] = (1, 2), compare_old: bool = False
 ) -> list[Callable[[], Planner]]:
     out: list[Callable[[], Planner]] = [lambda n=n: GpuServe(timeouts, n) for n in loads]
     # What the router's safety knobs cost: its headroom_factor on loads, and the idle timeouts.
-    out.append(lambda: GpuServe(timeouts, headroom=1.0, suffix="@headroom=1.0"))
+    out.append(lambda: GpuServe(timeouts, headroom=1.2, suffix="@headroom=1.2"))
     if timeouts != (None, None):
         out.append(lambda: GpuServe((None, None), suffix="@timeouts=none"))
         out.append(lambda: GpuServe(timeouts, suffix="@timeout_max_cost_s=0.1", timeout_max_cost_s=0.1))
+    if compare_old:  # the defaults before issue #12 (idle 300 s, release 1800 s)
+        out.append(lambda: GpuServe(OLD_TIMEOUTS, suffix="@timeouts=300/1800"))
     out += [LruBytes, lambda: Timeout(60.0), lambda: Timeout(600.0), LruCount, Gdsf, BeladySize]
     return out
 
@@ -603,7 +608,7 @@ def simulate(
     """Every policy over one trace; `curves` (if given) receives each policy's miss times."""
     to = DEFAULT_TIMEOUTS if timeouts == "default" else (None, None)
     results: dict[str, dict[str, float]] = {}
-    for make in planners(to, loads):
+    for make in planners(to, loads, compare_old=timeouts == "default"):
         planner = make()
         sim = Sim(specs, trace, gpus, host_gib, margin_bytes)
         results[planner.name] = sim.run(planner)
@@ -653,8 +658,11 @@ def targets(scenario: str, r: dict[str, dict[str, float]]) -> list[tuple[str, bo
     else:
         out.append(("GPU misses <= 1.2x Belady-Size", me["gpu_misses"] <= 1.2 * belady["gpu_misses"]))
         out.append(("cold loads <= 20", me["cold_loads"] <= 20))
-        out.append(("lowest reload seconds of every policy",
-                    all(me["reload_s"] <= row["reload_s"] for n, row in r.items() if "reload_s" in row)))
+        # Every other policy: the baselines and belady-size (gpu-serve@... rows are this policy under
+        # other settings, shown for what the settings cost, and listed separately below).
+        out.append(("lowest reload seconds of every other policy",
+                    all(me["reload_s"] <= row["reload_s"] for n, row in r.items()
+                        if "reload_s" in row and not n.startswith("gpu-serve"))))
     return out
 
 
@@ -678,6 +686,9 @@ def report(trace_dir: Path, out_dir: Path, workers: int = 2) -> int:
         for label, ok in targets(scenario, results):
             lines.append(f"- {'met' if ok else 'MISSED'}: {label}")
             missed += not ok
+        lower = [n for n, row in results.items() if row.get("reload_s", 1e18) < results["gpu-serve"]["reload_s"]]
+        if lower:
+            lines.append(f"- lower reload seconds than gpu-serve: {', '.join(lower)}")
         if "decide_p99_ms" in results["gpu-serve"]:
             lines.append(f"- decide() p99 on this run's snapshots: {results['gpu-serve']['decide_p99_ms']} ms")
         lines.append("")

@@ -16,6 +16,14 @@ within much less than ``t``. Measured with `bench/policy_sim.py` on `bench/trace
 decayed rate alone (tau 300 s, 60 s horizon) made 360, capped by ``1/idle`` 254; with the cap, a
 10 s horizon 237, and tau 60 s 219 (tau 3600 s: 231). One 48 GiB GPU without a CPU tier: tau 60 s
 244 cold loads, tau 300 s 254.
+
+Re-measured with no default timeouts and `headroom_factor` 1.0 (seed1/2/3): tau 60 s made 220/261/85
+cold loads on one 48 GiB GPU and 219/308/81 GPU misses on two 24 GiB GPUs with the host tier;
+tau 30 s 215/258/83 and 217/315/74; tau 20 s 215/255/83 and 225/315/72 (30 cold loads on seed2);
+tau 120 s 251/293/76 (headroom 1.2) and 218/319/89. Horizons of 5-600 s and dropping the ``1/idle``
+cap did not do better on both scenarios (600 s: 226/276/70 cold loads; no cap: 229/264/86, 234/322/87).
+On one GPU no online order tried reaches 1.2x Belady-Size (198/235/67): the same `decide()` ranking by
+recency alone made 209/259/83, counting misses instead of seconds 210/261/81, GDSF 237/265/99.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ __all__ = [
 
 GiB = 1024**3
 #: Time constant of the request-rate estimate.
-DEFAULT_TAU_S = 60.0
+DEFAULT_TAU_S = 30.0
 #: How far ahead an eviction's cost is counted.
 DEFAULT_HORIZON_S = 10.0
 

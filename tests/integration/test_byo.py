@@ -4,9 +4,9 @@ the two-node cluster with simulated VRAM, beside nothing else.
 Sizes (MiB): each simulated GPU has 256 with an 8 MiB margin, so 248 usable.
 
 * node A: `codec` (60) and `lm` (100), declared 80 and 130 until measured; a load needs
-  measured x 1.2 (72 + 120 = 192), a restore exactly its bytes (160 together). Both fit
+  measured x headroom_factor (1.0 by default: 160), a restore exactly its bytes (160 together). Both fit
   together; pipeline `tts` holds both for each request.
-* node B: `codec-b` and `lm-b`, 130 each (restore 260 together, load 312): each fits alone,
+* node B: `codec-b` and `lm-b`, 130 each (260 together, to restore or to load): each fits alone,
   never both. `tts-b` (joint) must answer 503 with the numbers at once; `tts-b-alternate`
   (alternate: true) completes, one model at a time.
 """

@@ -2,8 +2,8 @@
 VRAM sized so the real embeddings model and a random-weight text model of a chosen size compete.
 
 Sizes (MiB): each simulated GPU has 256 with an 8 MiB margin, so 248 usable. The embeddings
-model measures ~87 (need ~104 with headroom); the text model is built at 170 (need ~221 before
-its first load, ~204 after; a restore needs exactly its 170).
+model measures ~87 (its need, with the default headroom_factor 1.0); the text model is built at 170
+(need ~221 before its first load, 170 after; a restore needs exactly its 170).
 Each fits alone; both together do not, so loading one evicts the other.
 """
 
