@@ -160,7 +160,10 @@ def test_metrics_are_exported_after_traffic(url: str, events: EventReader) -> No
     while time.monotonic() < deadline:  # Ray's agent exports on its own cycle (about 10 s)
         text = _scrape()
         found = {name for name in wanted if f"\n{name}{{" in text}
-        if found == wanted:
+        labels = 'move="load"' in text and 'reason="idle_timeout"' in text
+        # A series can show up before this eviction's label does (an earlier eviction, another
+        # reason): wait for both, within the same deadline.
+        if found == wanted and labels:
             break
         time.sleep(2)
     assert found == wanted, f"missing {sorted(wanted - found)}"

@@ -71,6 +71,23 @@ def settle(url: str, expected: dict[str, str], timeout: float = 30.0) -> dict[st
         time.sleep(0.25)
 
 
+def one_made_room(url: str, arrived: str, idle: tuple[str, ...], timeout: float = 30.0) -> dict[str, dict[str, Any]]:
+    """Wait until `arrived` is on the GPU and exactly one of `idle` went to the CPU for it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        current = states(url)
+        moved = [m for m in idle if current.get(m, {}).get("state") == "cpu"]
+        if current.get(arrived, {}).get("state") == "gpu" and len(moved) == 1:
+            kept = next(m for m in idle if m not in moved)
+            assert current[kept]["state"] == "gpu", current[kept]
+            assert f"making room for {arrived!r}" in current[moved[0]]["reason"], current[moved[0]]["reason"]
+            return current
+        if time.monotonic() > deadline:
+            shown = {m: (r["state"], r["reason"]) for m, r in current.items()}
+            raise AssertionError(f"expected {arrived} on the GPU and one of {idle} on the CPU; router shows {shown}")
+        time.sleep(0.25)
+
+
 def test_three_families_share_a_gpu_by_eviction(url: str, client: openai.OpenAI, speech: Path) -> None:
     emb = client.embeddings.create(model=EMB, input="shared memory")
     assert len(emb.data[0].embedding) == 384
@@ -81,16 +98,30 @@ def test_three_families_share_a_gpu_by_eviction(url: str, client: openai.OpenAI,
 
     chat = client.chat.completions.create(model=LM, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
     assert chat.choices[0].message.content is not None
-    # The text model did not fit beside both: the least recently used (embeddings) went to the CPU.
-    placed = settle(url, {LM: "gpu", ASR: "gpu", EMB: "cpu"})
+    # The text model did not fit beside both: one idle model made room by going to the CPU.
+    # Which one is the cost rule's choice (least expected reload seconds per byte freed, ordered
+    # on hand-made cases in tests/unit/core/test_cost.py); here it only has to be one of them.
+    placed = one_made_room(url, LM, (EMB, ASR))
     assert len({placed[m]["gpu"] for m in (EMB, ASR, LM)}) == 1, "all three share node A's first GPU"
 
-    client.embeddings.create(model=EMB, input="back on the GPU")
-    # Restoring the embeddings evicts whisper, now the least recently used idle model.
-    settle(url, {EMB: "gpu", LM: "gpu", ASR: "cpu"})
+    def use(model: str) -> None:
+        if model == EMB:
+            assert client.embeddings.create(model=EMB, input="back on the GPU").data
+        else:
+            with speech.open("rb") as f:
+                assert client.audio.transcriptions.create(model=ASR, file=f).text
+
+    # The model that made room comes back, and the GPU still holds only what fits.
+    offloaded = next(m for m in (EMB, ASR) if placed[m]["state"] == "cpu")
+    use(offloaded)
+    again = one_made_room(url, offloaded, tuple(m for m in (EMB, ASR, LM) if m != offloaded))
     gpu = next(g for g in httpx.get(f"{url}/gpu/status", timeout=30).json()["gpus"] if g["uuid"] == placed[LM]["gpu"])
     assert gpu["used_bytes"] + gpu["margin_bytes"] <= gpu["total_bytes"]
 
-    with speech.open("rb") as f:
-        assert client.audio.transcriptions.create(model=ASR, file=f).text
-    settle(url, {ASR: "gpu"})
+    # And whichever went to the CPU for it is restored on its next request.
+    second = next(m for m in (EMB, ASR, LM) if again[m]["state"] == "cpu")
+    if second == LM:
+        client.chat.completions.create(model=LM, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    else:
+        use(second)
+    settle(url, {second: "gpu"})
