@@ -13,6 +13,7 @@ sent is the newer hypothesis's spelling.
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass, field
 
@@ -75,20 +76,24 @@ class Stabilizer:
 
     def _overlap(self, words: list[str]) -> int:
         """Where `words` continue past the committed prefix: its length if they start with it,
-        else after the longest committed suffix they start with (a rewrite near the join)."""
+        else just after the last committed word the final hypothesis also has, aligned in order.
+
+        Partials of a turn still being spoken can agree twice on a wrong word ("Please end the"
+        for "Please send the quarterly report ..."), and a committed word is never taken back.
+        The final is then aligned with the committed words by a longest-matching-blocks diff,
+        so it neither repeats them nor drops what follows. Two heuristics failed under CI load:
+        the longest committed suffix the final starts with matched a lone "the" and repeated the
+        whole sentence; the last occurrence of the last committed word skipped five words.
+        """
         if self._extends_committed(words):
             return len(self.committed)
-        n = len(self.committed)
         norm = [normalise(w) for w in words]
         committed = [normalise(w) for w in self.committed]
-        # The final hypothesis disagrees inside the committed words: align on the last
-        # committed word it contains, so no committed word is repeated.
-        for k in range(min(n, len(words)), 0, -1):
-            if norm[:k] == committed[n - k :]:
-                return k
-        if committed and committed[-1] in norm:
-            return len(norm) - norm[::-1].index(committed[-1])
-        return min(n, len(words))
+        matcher = difflib.SequenceMatcher(a=committed, b=norm, autojunk=False)
+        blocks = [b for b in matcher.get_matching_blocks() if b.size]
+        if blocks:
+            return blocks[-1].b + blocks[-1].size
+        return min(len(committed), len(words))
 
     def _commit(self, new: list[str]) -> str:
         if not new:

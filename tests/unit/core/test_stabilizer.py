@@ -57,3 +57,22 @@ def test_deltas_concatenated_equal_the_transcript(hypotheses: list[list[str]], f
     s = Stabilizer()
     sent = "".join(s.update(" ".join(h)) for h in hypotheses) + s.finish(" ".join(final))
     assert sent == s.text
+
+
+def test_a_final_that_rewrites_a_wrong_committed_word_keeps_what_follows() -> None:
+    # Seen under CI load: two partials agreed on "Please end the", the final heard the rest.
+    s = Stabilizer()
+    s.update("Please end the")
+    s.update("Please end the")
+    assert s.text == "Please end the"
+    s.finish("Please send the quarterly report to the finance team by Friday.")
+    assert s.text == "Please end the quarterly report to the finance team by Friday."
+
+
+def test_a_final_is_not_repeated_after_a_committed_common_word() -> None:
+    # Seen under CI load: the committed words ended in "the", which the final starts with.
+    s = Stabilizer()
+    s.update("The weather today is sunny with light breeze from the")
+    s.update("The weather today is sunny with light breeze from the")
+    s.finish("The weather today is sunny with a light breeze from the west.")
+    assert s.text == "The weather today is sunny with light breeze from the west."
