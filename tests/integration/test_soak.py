@@ -77,6 +77,8 @@ class Soak:
         self.scales: list[str] = []
         #: Most RUNNING replicas of one model at once, as Serve counts them (scale changes show here).
         self.most_replicas = 1
+        #: The model the chaos loop has scaled up right now, if any.
+        self.scaled: str | None = None
 
     def take(self) -> int | None:
         with self.lock:
@@ -151,7 +153,9 @@ class Soak:
         from serve_app.cluster.router import ROUTER_NAME
 
         rng = random.Random(13)
-        last_kill, last_scale = 0.0, time.monotonic()
+        # The first scale-up comes a few seconds in, so that its replica starts while traffic runs
+        # (the CI form's requests can all be done before a first change at SCALE_EVERY_S).
+        last_kill, last_scale = 0.0, time.monotonic() - SCALE_EVERY_S + 3.0
         kills = itertools.cycle(["kill_replica", "kill_router", "kill_probe"])  # each kind, in turn
         models = (EMB, LM, WHISPER)
         scaled: str | None = None
@@ -164,8 +168,7 @@ class Soak:
                     continue  # one kill at a time: each needs seconds to come back
                 action = next(kills)
             try:
-                if action in ("offload", "release", "load", "scale"):
-                    self._count_replicas(models)
+                self._count_replicas(models)
                 if action == "scale":
                     # Up: one model to two replicas (Serve starts one more while traffic runs);
                     # down: back to the app's own bounds (Serve stops one, draining its requests).
@@ -174,10 +177,11 @@ class Soak:
                         scaled = rng.choice(models)
                         apply_serve_config(self.args, scaled_up(scaled))
                         self.scales.append(f"{scaled} up to {SCALE_UP[0]}..{SCALE_UP[1]}")
+                        self.scaled = scaled
                     else:
                         apply_serve_config(self.args)
                         self.scales.append(f"{scaled} back to 0..1")
-                        scaled = None
+                        scaled = self.scaled = None
                 elif action in ("offload", "release", "load"):
                     admin(self.url, action, {"model": rng.choice(models)})
                 elif action == "timeout":
@@ -255,6 +259,11 @@ def test_soak_under_chaos_loses_nothing(hardened_url: str, hardened_args_once: d
     chaos.join(timeout=60)
     took = time.monotonic() - start
     assert not any(t.is_alive() for t in clients), "a client hung"
+    # A scale-up still in effect: give Serve its replica start (bounded) before counting.
+    wait_until = time.monotonic() + 60
+    while soak.most_replicas < 2 and soak.scaled is not None and time.monotonic() < wait_until:
+        soak._count_replicas((EMB, LM, WHISPER))
+        time.sleep(1)
     # Back to the app's own scale (one replica at most per model), for the tests after this one.
     apply_serve_config(hardened_args_once)
 
