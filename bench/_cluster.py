@@ -16,15 +16,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start(args: dict[str, Any], *, num_gpus: int = 2) -> str:
-    """Start Ray and deploy the app with `args`; return the base URL once /health answers."""
+def start(args: dict[str, Any], *, num_gpus: int = 2, proxy: str = "haproxy") -> str:
+    """Start Ray (with `proxy` in front, as `make run` does) and deploy the app with `args`;
+    return the base URL once /health answers."""
+
+    from serve_app.cluster import proxy as proxies
+
+    temp_dir = tempfile.mkdtemp(prefix="gpu-serve-bench-")
+    choice = proxies.choose(proxy)
+    proxies.apply(choice)
+    print(choice.message, flush=True)
     import ray
     from ray import serve
 
     from serve_app.app import build_app
 
-    ray.init(num_gpus=num_gpus, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="gpu-serve-bench-"),
-             logging_level="ERROR", log_to_driver=False)
+    ray.init(num_gpus=num_gpus, include_dashboard=False, _temp_dir=temp_dir, logging_level="ERROR", log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     serve.run(build_app(args), name="bench", route_prefix="/", blocking=False)

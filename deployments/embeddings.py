@@ -48,13 +48,16 @@ class Embedder:
         import torch
 
         model = self.adapter.model
+        # sentence-transformers 6 renamed these (the old names warn on every call); 3-5 have only the old.
+        preprocess = getattr(model, "preprocess", None) or model.tokenize
+        dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        vectors = np.empty((len(texts), model.get_sentence_embedding_dimension() or 0), dtype=np.float32)
+        vectors = np.empty((len(texts), dimension() or 0), dtype=np.float32)
         tokens = [0] * len(texts)
         with torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
                 chunk = order[start : start + self.batch_size]
-                features = model.tokenize([texts[i] for i in chunk])
+                features = preprocess([texts[i] for i in chunk])
                 counts = features["attention_mask"].sum(dim=1).tolist()
                 features = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in features.items()}
                 out = model(features)["sentence_embedding"].float().cpu().numpy()
@@ -67,6 +70,7 @@ class Embedder:
 @serve.deployment
 class EmbeddingsDeployment(ModelReplica):
     def __init__(self, model: dict[str, Any], app: dict[str, Any]) -> None:
+        self.batches = self.texts = 0  # before the base class starts reporting `work_stats`
         super().__init__(model, app)
         self.embedder = Embedder(self.adapter, self.config.max_batch_size)
         self.embed_batch.set_max_batch_size(self.config.max_batch_size)
@@ -82,6 +86,10 @@ class EmbeddingsDeployment(ModelReplica):
             lambda device: load_sentence_transformer(path, device, threads), weights_path=path
         )
 
+    def work_stats(self) -> dict[str, Any]:
+        """Forward passes and texts since start: their ratio is the mean batch (`bench/peers.py`)."""
+        return {"batches": self.batches, "texts": self.texts}
+
     async def embed(self, texts: list[str]) -> dict[str, Any]:
         """One request's texts; merged with concurrent requests by `embed_batch`."""
         return await self.embed_batch(texts)
@@ -90,6 +98,8 @@ class EmbeddingsDeployment(ModelReplica):
     async def embed_batch(self, requests: list[list[str]]) -> list[dict[str, Any]]:
         flat = [text for texts in requests for text in texts]
         self.batch_sizes.observe(len(flat), {"model": self.config.id})
+        self.batches += 1
+        self.texts += len(flat)
         vectors, tokens = await self.run(self.embedder.encode, flat)
         out, start = [], 0
         for texts in requests:

@@ -36,7 +36,7 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def start_ray(logical_gpus: int, logical_cpus: int | None) -> bool:
+def start_ray(logical_gpus: int, logical_cpus: int | None, proxy: str | None = None) -> bool:
     """Join RAY_ADDRESS when set, else start a local cluster. Returns True if we started it."""
     import ray
 
@@ -57,8 +57,23 @@ def start_ray(logical_gpus: int, logical_cpus: int | None) -> bool:
     if logical_cpus:
         kwargs["num_cpus"] = logical_cpus
     temp_dir = os.environ.get("RAY_TMPDIR") or tempfile.mkdtemp(prefix="gpu-serve-ray-")
+    choose_proxy(proxy)
     ray.init(_temp_dir=temp_dir, **local_ray_options(), **kwargs)
     return True
+
+
+def choose_proxy(wanted: str | None) -> None:
+    """HAProxy in front of the local cluster when one runs, else Serve's proxy (`cluster/proxy.py`).
+
+    An explicit `RAY_SERVE_ENABLE_HA_PROXY=0` in the environment keeps Serve's proxy."""
+    from serve_app.cluster import proxy
+    from serve_app.config import Settings
+
+    if wanted is None:
+        wanted = "serve" if os.environ.get(proxy.ENABLE) == "0" else Settings().proxy
+    choice = proxy.choose(wanted)
+    proxy.apply(choice)
+    _say(choice.message)
 
 
 def local_ray_options() -> dict[str, Any]:
@@ -91,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     host = args.host or http.get("host", "127.0.0.1")
     port = int(args.port or http.get("port", 8000))
 
-    started = start_ray(args.logical_gpus, args.logical_cpus)
+    started = start_ray(args.logical_gpus, args.logical_cpus, args.proxy)
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: Any) -> None:
@@ -143,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, else 8000)")
     p_run.add_argument("--logical-gpus", type=int, default=2, help="GPUs to declare when NVML finds none")
     p_run.add_argument("--logical-cpus", type=int, default=None, help="CPUs to declare to Ray (default: all)")
+    p_run.add_argument(
+        "--proxy", choices=["haproxy", "serve"], default=None,
+        help="HTTP proxy of the local cluster (default: $GPU_SERVE_PROXY, else haproxy when one runs)",
+    )
     p_mcp = sub.add_parser("mcp", help="serve the MCP tools over stdio, forwarding to a running service")
     p_mcp.add_argument("--url", default="http://127.0.0.1:8000", help="the service's base URL (default: %(default)s)")
     p_mcp.add_argument("--key", default=None, help="admin key (default: $GPU_SERVE_ADMIN_KEY)")

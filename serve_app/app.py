@@ -67,13 +67,23 @@ def bind_model(model: ModelConfig, config: AppConfig) -> Any:
     return cls.options(
         name=deployment_name(model.id),
         ray_actor_options={"num_gpus": model.num_gpus, "num_cpus": model.num_cpus, "resources": dict(model.resources)},
-        autoscaling_config=model.autoscaling.to_serve(),
+        autoscaling_config=model.autoscaling.to_serve(default_target=_target_ongoing(model)),
         max_ongoing_requests=_max_ongoing(model),
         max_queued_requests=model.max_queued_requests,
         graceful_shutdown_timeout_s=60,
         logging_config=serve_logging_config(),
         graceful_shutdown_wait_loop_s=1,
     ).bind(model.model_dump(mode="json"), config.model_dump(mode="json", exclude=KEY_FIELDS))
+
+
+def _target_ongoing(model: ModelConfig) -> float:
+    """Requests per replica before Serve adds one. A batching family serves a full batch in one
+    forward pass, so a second replica before then only splits batches: with 2 per replica, 8
+    one-sentence clients started a second MiniLM replica on the 2-core machine, the two fought
+    over the cores, and 8-client throughput fell to 0.29x infinity-emb's."""
+    if model.family == "sentence-transformers":
+        return float(model.max_batch_size)
+    return 2.0
 
 
 def _max_ongoing(model: ModelConfig) -> int:

@@ -44,7 +44,10 @@ class AutoscalingConfig(_Frozen):
 
     min_replicas: int = Field(0, ge=0, description="0 allows scale-to-zero.")
     max_replicas: int = Field(2, ge=1, description="Upper bound on replicas of this model.")
-    target_ongoing_requests: float = Field(2.0, gt=0, description="Requests per replica before scaling up.")
+    target_ongoing_requests: float | None = Field(
+        None, gt=0,
+        description="Requests per replica before scaling up; default 2, or a full batch for a batching family.",
+    )
     metrics_interval_s: float = Field(0.5, gt=0, description="How often handles report queue lengths.")
     look_back_period_s: float = Field(2.0, gt=0, description="Window the autoscaler averages over.")
     upscale_delay_s: float = Field(0.0, ge=0, description="Wait before acting on an upscale decision.")
@@ -60,12 +63,12 @@ class AutoscalingConfig(_Frozen):
             )
         return self
 
-    def to_serve(self) -> dict[str, Any]:
+    def to_serve(self, default_target: float = 2.0) -> dict[str, Any]:
         return {
             "min_replicas": self.min_replicas,
             "initial_replicas": self.min_replicas,
             "max_replicas": self.max_replicas,
-            "target_ongoing_requests": self.target_ongoing_requests,
+            "target_ongoing_requests": self.target_ongoing_requests or default_target,
             "metrics_interval_s": self.metrics_interval_s,
             "look_back_period_s": self.look_back_period_s,
             "upscale_delay_s": self.upscale_delay_s,
@@ -413,6 +416,9 @@ class Settings(BaseSettings):
     log_level: str = Field("WARNING", description="Log level of the service's own loggers.")
     log_json: bool = Field(True, description="Structured (JSON) log lines.")
     access_log: bool = Field(False, description="One log line per HTTP request (Serve's access log).")
+    proxy: Literal["haproxy", "serve"] = Field(
+        "haproxy", description="HTTP proxy of a cluster `serve_app run` starts: HAProxy, or Serve's own."
+    )
 
 
 def log_effective(config: AppConfig) -> None:

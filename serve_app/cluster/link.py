@@ -21,6 +21,7 @@ import logging
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from serve_app.config import AppConfig, ModelConfig
@@ -35,6 +36,10 @@ logger = logging.getLogger("serve_app.cluster.link")
 #: Set while a joint member takes its lease: the router already admitted this replica's load
 #: or restore with its group, so the lifecycle's own admission must not ask (and wait) again.
 GROUP_GRANT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("group_grant", default=None)
+
+
+#: How long a busy/idle edge must hold before it is reported ahead of the heartbeat.
+USAGE_SETTLE_S = 0.05
 
 
 class RouterLink:
@@ -61,6 +66,12 @@ class RouterLink:
         self._adapter: ModelAdapter | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._report_now = asyncio.Event()
+        #: A busy/idle edge waits `USAGE_SETTLE_S`, then is reported only if the model is still on
+        #: the other side of what the router last heard (see `on_usage`).
+        self._usage_edge = asyncio.Event()
+        self._reported_busy = False
+        self._weights: int | None = None
+        self._work_stats: Callable[[], dict[str, Any] | None] | None = None
         self._stopped = False
         #: Transitions not yet reported; sent with the next heartbeat (`/gpu/events`). Bounded: a
         #: replica cut off from the router keeps the latest.
@@ -83,8 +94,10 @@ class RouterLink:
             get_router=lambda: get_or_create_router(app),
         )
 
-    def attach(self, lifecycle: Lifecycle, adapter: ModelAdapter) -> None:
-        self._lifecycle, self._adapter = lifecycle, adapter
+    def attach(
+        self, lifecycle: Lifecycle, adapter: ModelAdapter, work_stats: Callable[[], dict[str, Any] | None] | None = None
+    ) -> None:
+        self._lifecycle, self._adapter, self._work_stats = lifecycle, adapter, work_stats
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -103,10 +116,12 @@ class RouterLink:
 
     def info(self) -> dict[str, Any]:
         assert self._lifecycle is not None
-        weights = None
-        if self._adapter is not None:
+        if self._weights is None and self._adapter is not None:
+            # Walking the weight files on every report cost about 2% of a replica's CPU at one
+            # request at a time; the files do not change under a running replica.
             with contextlib.suppress(Exception):
-                weights = self._adapter.weights_bytes()
+                self._weights = self._adapter.weights_bytes()
+        weights = self._weights
         now = self._lifecycle.clock()
         return {
             "replica": self.replica_id,
@@ -115,7 +130,7 @@ class RouterLink:
             "gpus": self.gpus,
             "declared_bytes": self.config.vram_bytes,
             "weights_bytes": weights,
-            "status": self._lifecycle.status(),
+            "status": {**self._lifecycle.status(), "work": self._work_stats() if self._work_stats else None},
             # For the router's trace ring, as ages (its clock is not this process's): taken once,
             # so every report carries each request exactly once.
             "requests": [(round(now - at, 4), round(held, 4)) for at, held in self._lifecycle.take_requests()],
@@ -137,11 +152,19 @@ class RouterLink:
         info = self.info()
         info["transitions"] = list(self._transitions)
         self._transitions.clear()
+        self._reported_busy = info["status"]["in_flight"] > 0
         return info
 
     def on_usage(self, in_flight: int) -> None:
-        """Busy/idle edges reach the router promptly, so it never picks a busy model to evict."""
-        self._report_now.set()
+        """A busy/idle edge: report it once it has held for `USAGE_SETTLE_S`.
+
+        Reporting every edge at once cost two router calls per request at one client (busy, then
+        idle 20 ms later): about 12% of the embeddings replica's CPU and 6 ms of the router's per
+        request. Safety does not hang on this report: the lifecycle itself never moves a model
+        with a lease held, so a router that has not yet heard of a busy edge only gets a refusal.
+        """
+        if (in_flight > 0) != self._reported_busy:
+            self._usage_edge.set()
 
     async def _router_handle(self) -> Any:
         if self._router is None:
@@ -194,8 +217,29 @@ class RouterLink:
                 with contextlib.suppress(Exception):
                     await self._lifecycle.enforce_idle()
             self._report_now.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._report_now.wait(), timeout=interval if self.connected else 0.5)
+            self._usage_edge.clear()
+            await self._wait_for_report(interval if self.connected else 0.5)
+
+    async def _wait_for_report(self, timeout: float) -> None:
+        """Until the heartbeat is due, a transition, or a usage edge that held (`on_usage`)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self._report_now.is_set():
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            waiters = {asyncio.ensure_future(self._report_now.wait()), asyncio.ensure_future(self._usage_edge.wait())}
+            try:
+                await asyncio.wait(waiters, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+            if self._usage_edge.is_set() and not self._report_now.is_set():
+                await asyncio.sleep(min(USAGE_SETTLE_S, max(0.0, deadline - loop.time())))
+                self._usage_edge.clear()
+                assert self._lifecycle is not None
+                if (self._lifecycle.in_flight > 0) != self._reported_busy:
+                    return
 
     async def _command_loop(self) -> None:
         while not self._stopped:

@@ -63,6 +63,7 @@ def model_rows(
                 "priority": policy.get("priority"), "pinned": policy.get("pinned"),
                 **{k: st.get(k) for k in _TIMINGS},
                 "last_error": st.get("last_error"), "loads": st.get("loads"),
+                "work": st.get("work"),  # family counters: an embeddings replica's batches and texts
             }
         )
     for m in config.models:
@@ -73,6 +74,7 @@ def model_rows(
                 "model": m.id, "replica": None, "node": None, "gpu": None, "state": ModelState.UNLOADED.value,
                 "reason": "no replica", "since_s": None, "device": None, "bytes_gpu": 0, "bytes_cpu": 0, "sessions": 0,
                 "in_flight": 0, "idle_s": None, **policies[m.id], **dict.fromkeys(_TIMINGS), "last_error": None,
+                "work": None,
             }
         )
     return rows

@@ -19,6 +19,22 @@ import pytest
 
 APP_NAME = "gpu-serve"
 
+# The proxy `make run` uses (HAProxy, see serve_app/cluster/proxy.py) fronts the test cluster too,
+# so SSE, WebSockets and every error path are tested through it; GPU_SERVE_PROXY=serve tests
+# Serve's own. Ray's processes read it from the environment, so it is set before Ray starts.
+os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="gpu-serve-test-")
+
+
+def _choose_proxy() -> str:
+    from serve_app.cluster import proxy
+
+    choice = proxy.choose(os.environ.get("GPU_SERVE_PROXY", "haproxy"))
+    proxy.apply(choice)
+    return choice.mode
+
+
+PROXY = _choose_proxy()
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -59,8 +75,8 @@ def ray_cluster() -> Iterator[Any]:
     from ray.cluster_utils import Cluster
 
     os.environ.setdefault("GPU_SERVE_LOG_LEVEL", "WARNING")
-    # Ray looks for its session files under RAY_TMPDIR; a private one keeps parallel runs apart.
-    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="gpu-serve-test-")
+    # Ray looks for its session files under RAY_TMPDIR (set above); a private one keeps parallel
+    # runs apart.
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 2, "num_gpus": 0, "include_dashboard": False},

