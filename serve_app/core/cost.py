@@ -29,15 +29,19 @@ recency alone made 209/259/83, counting misses instead of seconds 210/261/81, GD
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
+    "DEFAULT_GAP_HISTORY",
     "DEFAULT_HORIZON_S",
     "DEFAULT_TAU_S",
     "DecayedRate",
+    "GapHistory",
     "effective_rate_hz",
     "eviction_cost_s",
+    "expected_residual_s",
     "guess_load_s",
     "guess_restore_s",
 ]
@@ -94,3 +98,69 @@ class DecayedRate:
 
     def rates(self, now: float) -> Mapping[str, float]:
         return {k: self.rate(k, now) for k in self._value}
+
+
+# --- the next use, from each model's history of inter-arrival gaps ---------------------------
+
+#: Gaps kept per model (a bounded ring).
+DEFAULT_GAP_HISTORY = 256
+
+
+def expected_residual_s(gaps: Sequence[float], age_s: float) -> float:
+    """Expected seconds until the next request of a model idle (since its last arrival) for `age_s`.
+
+    A renewal estimate over the model's empirical gaps: ``E[gap - age | gap > age]``, the mean of
+    ``g - age`` over the recorded gaps ``g`` longer than the age. Inside a burst (the age is like
+    the short gaps) that is short; once the age is past every short gap only the long ones count,
+    so a finished burst or batch job looks as far away as its usual silence (a periodic job: its
+    period less the age). When no recorded gap is longer than the age (or none is recorded), the
+    model is in a silence longer than any seen: the estimate is the age itself (it is unlikely to be
+    asked again within much less than it has been idle).
+    """
+    age = max(0.0, age_s)
+    total, count = 0.0, 0
+    for g in gaps:
+        if g > age:
+            total += g
+            count += 1
+    if count == 0:
+        return max(age, 1e-3)
+    return total / count - age
+
+
+@dataclass
+class GapHistory:
+    """Per-key ring of the last `size` inter-arrival gaps and the time of the last arrival.
+
+    An arrival older than the last one recorded (reported late) adds no gap.
+    """
+
+    size: int = DEFAULT_GAP_HISTORY
+    _gaps: dict[str, deque[float]] = field(default_factory=dict)
+    _last: dict[str, float] = field(default_factory=dict)
+
+    def observe(self, key: str, at: float) -> None:
+        last = self._last.get(key)
+        if last is None:
+            self._last[key] = at
+            self._gaps[key] = deque(maxlen=self.size)
+            return
+        if at < last:
+            return
+        self._gaps[key].append(at - last)
+        self._last[key] = at
+
+    def gaps(self, key: str) -> tuple[float, ...]:
+        return tuple(self._gaps.get(key, ()))
+
+    def last_arrival(self, key: str) -> float | None:
+        return self._last.get(key)
+
+    def next_use_at(self, key: str, now: float) -> float | None:
+        """Predicted time of the key's next request (:func:`expected_residual_s`); None: never seen."""
+        last = self._last.get(key)
+        if last is None:
+            return None
+        age = max(0.0, now - last)
+        return now + expected_residual_s(self._gaps[key], age)
+
