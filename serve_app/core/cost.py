@@ -37,7 +37,8 @@ Measured (seed1/2/3; one 48 GiB GPU cold loads, then two 24 GiB GPUs + 64 GiB ho
 cold loads):
 
 - this rule, ring 256, horizon 10 s: 198/247/71; 217/310/74, 12/21/12 (before: 215/258/83;
-  217/315/74, 12/28/12). Ring 1024: 199/253/72 cold loads on one GPU.
+  217/315/74, 12/28/12). On one GPU: ring 128 203/246/82, 512 199/249/72, 1024 199/253/72; a
+  silence longer than any gap predicted as 2x the age 199/248/70, 0.5x 198/250/71.
 - the prediction for every eviction (offloads too), ring 256: 198/247/71 but 224/324/86 misses on two
   GPUs (seed3 over 1.2x Belady-Size, 80); ring 64: 204/259/75 and 219/354/75.
 - ranking by predicted next use alone (online Belady, sizes ignored): ring 64 208/265/75, ring 256
