@@ -68,6 +68,7 @@ def build_snapshot(seed: int = 7, gpus: int = 8, instances: int = 64, pending: i
                 request_rate_hz=rng.choice([0.0, 0.001, 0.01, 0.1, 1.0]),
                 load_s=rng.choice([None, 2.0, 20.0]),
                 restore_s=rng.choice([None, 0.1, 1.0]),
+                next_use_at=rng.choice([None, NOW + 5.0, NOW + 600.0]),
             )
         )
     # Probe readings: ours plus a little from other processes.

@@ -3,7 +3,8 @@
 `gpu-serve` is this project's own `serve_app.core.policy.decide`, called with snapshots built the
 way the router builds them (`serve_app/cluster/router.py`: instances with their reservations,
 waiting requests counted as in flight, measured footprints with `headroom_factor`, decayed request
-rates and measured load/restore seconds); the baselines run through the same event mechanics:
+rates, each model's predicted next use from its gap history, measured load/restore seconds); the
+baselines run through the same event mechanics:
 
 * a request arrives; if its model is not on a GPU it waits for a load (``cold_load_s``) or a
   restore (``restore_s``); loads on one GPU are serialized (``max_loads_per_gpu``) except for the
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import csv
+import fnmatch
 import heapq
 import itertools
 import json
@@ -50,7 +52,7 @@ if str(ROOT) not in sys.path:
 
 from serve_app.config import ModelConfig, RouterConfig  # noqa: E402
 from serve_app.core.audit import belady_lower_bound  # noqa: E402
-from serve_app.core.cost import DEFAULT_TAU_S, DecayedRate  # noqa: E402
+from serve_app.core.cost import DEFAULT_TAU_S, DecayedRate, GapHistory  # noqa: E402
 from serve_app.core.policy import decide, estimate_need_bytes  # noqa: E402
 from serve_app.core.snapshot import (  # noqa: E402
     Admit,
@@ -165,6 +167,7 @@ class Sim:
         self.pending: dict[str, Inst] = {}
         self.requests: list[Request] = []
         self.rates = DecayedRate(DEFAULT_TAU_S)
+        self.gaps = GapHistory()
         self.uses: dict[str, list[float]] = {}
         for t, m, _, _ in trace:
             self.uses.setdefault(m, []).append(t)
@@ -262,6 +265,7 @@ class Sim:
             assert isinstance(req, Request)
             inst = self.insts[req.model]
             self.rates.observe(req.model, self.now)
+            self.gaps.observe(req.model, self.now)
             if inst.state is S.GPU:
                 self._start(inst, req)
             else:
@@ -384,6 +388,7 @@ class GpuServe(Planner):
                     last_used_at=inst.last_used_at, in_flight=inst.in_flight + len(inst.waiting),
                     idle_timeout_s=self.idle_timeout_s, release_timeout_s=self.release_timeout_s,
                     request_rate_hz=sim.rates.rate(spec.name, now), load_s=inst.load_s, restore_s=inst.restore_s,
+                    next_use_at=sim.gaps.next_use_at(spec.name, now),
                 )
             )
         pending = []
@@ -604,12 +609,16 @@ def simulate(
     loads: tuple[int, ...] = (1, 2),
     curves: dict[str, list[float]] | None = None,
     margin_bytes: int | None = None,
+    only: Callable[[str], bool] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Every policy over one trace; `curves` (if given) receives each policy's miss times."""
+    """Every policy over one trace (or those `only` accepts, by name; the bound always); `curves`
+    (if given) receives each policy's miss times."""
     to = DEFAULT_TIMEOUTS if timeouts == "default" else (None, None)
     results: dict[str, dict[str, float]] = {}
     for make in planners(to, loads, compare_old=timeouts == "default"):
         planner = make()
+        if only is not None and not only(planner.name):
+            continue
         sim = Sim(specs, trace, gpus, host_gib, margin_bytes)
         results[planner.name] = sim.run(planner)
         if isinstance(planner, GpuServe) and planner.decide_s:
@@ -618,7 +627,8 @@ def simulate(
         if curves is not None:
             curves[planner.name] = sim.miss_times
     capacity = gpus[0] * int(gpus[1] * GiB)
-    capacity -= sum(Sim(specs, [], gpus, 0, margin_bytes).margin(g) for g in sim.gpu_total)
+    empty = Sim(specs, [], gpus, 0, margin_bytes)
+    capacity -= sum(empty.margin(g) for g in empty.gpu_total)
     bound = belady_lower_bound([(t, m, specs[m].bytes) for t, m, _, _ in trace], capacity)
     results["pfoo-lower"] = {"gpu_misses": bound}
     return results
@@ -733,22 +743,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", type=Path, help="CSV model,bytes,cold_load_s,restore_s")
     ap.add_argument("--report", type=Path, help="run every trace in --trace-dir, both scenarios; write here")
     ap.add_argument("--trace-dir", type=Path, default=ROOT / "bench" / "traces")
+    ap.add_argument("--workers", type=int, default=2, help="--report: simulator processes at once")
     ap.add_argument("--gpus", default="1x48", help="COUNTxGIB, e.g. 2x24")
     ap.add_argument("--host-gib", type=float, default=0.0, help="host-RAM tier in GiB; 0: none")
     ap.add_argument("--timeouts", choices=("default", "none"), default="default")
     ap.add_argument("--max-loads", default="1,2", help="max_loads_per_gpu values to run gpu-serve with")
     ap.add_argument("--margin-mib", type=float, help="safety margin per GPU; default: the router's (5%%, >= 512 MiB)")
+    ap.add_argument("--policies", help="comma-separated names or fnmatch patterns (gpu-serve*,belady-size); "
+                    "default: all")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.report is not None:
-        return report(args.trace_dir, args.report)
+        return report(args.trace_dir, args.report, args.workers)
     if args.trace is None or args.models is None:
         ap.error("--trace and --models are required (or --report DIR)")
     specs = read_models(args.models)
     trace = read_trace(args.trace)
     loads = tuple(int(x) for x in args.max_loads.split(","))
     margin = None if args.margin_mib is None else int(args.margin_mib * 1024**2)
-    results = simulate(specs, trace, parse_gpus(args.gpus), args.host_gib, args.timeouts, loads, margin_bytes=margin)
+    only = None
+    if args.policies:
+        patterns = [p.strip() for p in args.policies.split(",") if p.strip()]
+        only = lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)  # noqa: E731
+    results = simulate(
+        specs, trace, parse_gpus(args.gpus), args.host_gib, args.timeouts, loads, margin_bytes=margin, only=only
+    )
     if args.json:
         print(json.dumps({"policies": results}, indent=2))
     else:

@@ -27,7 +27,7 @@ from serve_app.cluster.names import ROUTER_NAME
 from serve_app.cluster.readings import GpuReadings
 from serve_app.cluster.registry import ReplicaRecord, ReplicaRegistry
 from serve_app.config import AppConfig
-from serve_app.core.cost import DecayedRate
+from serve_app.core.cost import DecayedRate, GapHistory
 from serve_app.core.policy import decide, estimate_need_bytes, margin_bytes
 from serve_app.core.snapshot import (
     Admit,
@@ -100,6 +100,7 @@ class Router:
         #: Request arrivals and weight moves (`GET /gpu/trace`), and what the policy learns from them.
         self.trace = TraceRing(rc.trace_capacity)
         self.rates = DecayedRate(rc.rate_tau_s)
+        self.gaps = GapHistory()  # per-model inter-arrival gaps: the predicted next use
         self.measured_s: dict[str, dict[str, float]] = {}  # model -> {"load"|"restore": last seconds}
         self._moves_seen: dict[str, dict[str, int]] = {}  # replica -> its lifecycle's move counters
         self._audit: tuple[float, dict[str, Any]] | None = None
@@ -330,6 +331,7 @@ class Router:
             at = now - float(ago_s)
             self.trace.add_request(at, model, size, float(held_s))
             self.rates.observe(model, at)
+            self.gaps.observe(model, at)
 
     def _observe_moves(self) -> None:
         """Turn increments of each lifecycle's move counters into trace records with seconds."""
@@ -417,6 +419,7 @@ class Router:
                     request_rate_hz=self.rates.rate(rec.model, now),
                     load_s=self.measured_s.get(rec.model, {}).get("load", st.get("last_load_s")),
                     restore_s=self.measured_s.get(rec.model, {}).get("restore", st.get("last_restore_s")),
+                    next_use_at=self.gaps.next_use_at(rec.model, now),
                 )
             )
         return out

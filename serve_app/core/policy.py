@@ -173,8 +173,17 @@ def reload_s(inst: InstanceView, *, offloaded: bool) -> float:
 
 
 def expected_cost_s(inst: InstanceView, limits: PolicyLimits, now: float, *, offloaded: bool) -> float:
-    """Expected reload seconds evicting `inst` causes (`serve_app/core/cost.py`)."""
-    rate = effective_rate_hz(inst.request_rate_hz, now - inst.last_used_at)
+    """Expected reload seconds evicting `inst` causes (`serve_app/core/cost.py`).
+
+    A release (the weights reload cold) is priced with the model's predicted next use from its
+    gap history, ``1 / (next_use_at - now)`` as the rate, when the router knows one; an offload
+    (a restore from the CPU tier) with the decayed rate capped by ``1/idle``. See cost.py's doc
+    for why each gets its own estimate.
+    """
+    if not offloaded and inst.next_use_at is not None:
+        rate = 1.0 / max(inst.next_use_at - now, 1e-3)
+    else:
+        rate = effective_rate_hz(inst.request_rate_hz, now - inst.last_used_at)
     return eviction_cost_s(rate, reload_s(inst, offloaded=offloaded), limits.cost_horizon_s)
 
 

@@ -55,6 +55,9 @@ class InstanceView:
     request_rate_hz: float = 0.0
     load_s: float | None = None
     restore_s: float | None = None
+    #: Predicted time of the model's next request, from its history of inter-arrival gaps
+    #: (`serve_app/core/cost.py`, `GapHistory.next_use_at`); None: no history.
+    next_use_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,8 @@ import csv
 import io
 from typing import Any
 
+import pytest
+
 from serve_app.cluster.router import Router
 from tests.unit.cluster.test_router import FakeClock, MiB, app, info, reading
 
@@ -49,6 +51,11 @@ async def test_reports_become_trace_rows_rates_and_audit_misses() -> None:
     rates = {i.model: i.request_rate_hz for i in snap.instances}
     assert rates["b"] > rates["a"] > 0
     assert {i.model: i.load_s for i in snap.instances} == {"a": 2.0, "b": 3.0}
+    # The predicted next use, from each model's gaps as the simulator computes it (`GapHistory`):
+    # 'b' arrived at 119.5 and 119.9 (one gap of 0.4 s, idle 0.1 s), 'a' once at 109 (no gap: as far
+    # again as it has been idle).
+    nxt = {i.model: i.next_use_at for i in snap.instances}
+    assert nxt["b"] == pytest.approx(120.0 + 0.4 - 0.1) and nxt["a"] == pytest.approx(120.0 + 11.0)
     doc = (await router.status())["policy_audit"]
     assert doc["gpu_misses"] == 2 and doc["belady_misses"] == 2 and doc["ratio"] == 1.0
     assert doc["requests"] == 3 and doc["capacity_bytes"] == 300 * MiB
