@@ -1,7 +1,8 @@
-"""Family `sentence-transformers`: text embeddings with dynamic batching.
+"""Family `sentence-transformers`: text embeddings with continuous batching.
 
-Requests from many clients are merged by `@serve.batch` into one forward pass: on our 2-core
-test machine, batches of 32 gave about 3.5-4x the sentences per second of one-at-a-time.
+Requests from many clients are merged into one forward pass (`serve_app/cluster/batching.py`):
+on our 2-core test machine, batches of 32 gave about 3.5-4x the sentences per second of
+one-at-a-time.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 from ray import serve
 
 from serve_app.adapters.torch_module import TorchModuleAdapter
+from serve_app.cluster.batching import ContinuousBatcher
 from serve_app.cluster.replica import ModelReplica
 
 
@@ -73,8 +75,10 @@ class EmbeddingsDeployment(ModelReplica):
         self.batches = self.texts = 0  # before the base class starts reporting `work_stats`
         super().__init__(model, app)
         self.embedder = Embedder(self.adapter, self.config.max_batch_size)
-        self.embed_batch.set_max_batch_size(self.config.max_batch_size)
-        self.embed_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+        # Counted in texts: a request of 32 sentences is a full batch on its own.
+        self.batcher: ContinuousBatcher[list[str], dict[str, Any]] = ContinuousBatcher(
+            self.embed_batch, self.config.max_batch_size, size=len, wait_s=self.config.batch_wait_timeout_s
+        )
         from serve_app.cluster.metrics import embeddings_batch_histogram
 
         self.batch_sizes: Any = embeddings_batch_histogram()
@@ -91,10 +95,9 @@ class EmbeddingsDeployment(ModelReplica):
         return {"batches": self.batches, "texts": self.texts}
 
     async def embed(self, texts: list[str]) -> dict[str, Any]:
-        """One request's texts; merged with concurrent requests by `embed_batch`."""
-        return await self.embed_batch(texts)
+        """One request's texts; merged with concurrent requests into `embed_batch`."""
+        return await self.batcher.submit(texts)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def embed_batch(self, requests: list[list[str]]) -> list[dict[str, Any]]:
         flat = [text for texts in requests for text in texts]
         self.batch_sizes.observe(len(flat), {"model": self.config.id})
