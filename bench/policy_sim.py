@@ -689,7 +689,7 @@ def report(trace_dir: Path, out_dir: Path, workers: int = 2) -> int:
     ]
     with ProcessPoolExecutor(max_workers=workers) as pool:
         done = list(pool.map(_run_one, jobs))
-    lines = ["# Policy simulator results", "", f"`make bench-policy`, traces from `{trace_dir}`.", ""]
+    lines = ["# Policy simulator results", "", f"`make bench-policy`, traces from `{_shown(trace_dir)}`.", ""]
     missed = 0
     for scenario, name, results, _ in done:
         lines += [f"## {name}: {scenario}", "", table(results), ""]
@@ -735,6 +735,14 @@ def plot(done: list[tuple[str, str, dict[str, dict[str, float]], dict[str, list[
         row[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _shown(path: Path) -> str:
+    """A path as the report shows it: relative to the repository when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def main(argv: list[str] | None = None) -> int:
