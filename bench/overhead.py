@@ -13,7 +13,6 @@ sentences/s at 8 clients, each as a ratio of this service to the plain deploymen
     python bench/overhead.py [--rounds 3] [--seconds 10]
 """
 
-from __future__ import annotations
 
 import argparse
 import asyncio
@@ -33,11 +32,22 @@ from bench.peers import SENTENCE, latencies, percentile, throughput
 MODEL = "all-MiniLM-L6-v2"
 
 
+def _request_model() -> Any:
+    from pydantic import BaseModel
+
+    class EmbeddingsBody(BaseModel):
+        model: str | None = None
+        input: str | list[str]
+
+    return EmbeddingsBody
+
+
 def plain_app(max_batch_size: int, wait_s: float) -> Any:
     from fastapi import FastAPI
     from ray import serve
 
     api = FastAPI()
+    Body = _request_model()
 
     @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
     @serve.ingress(api)
@@ -61,8 +71,8 @@ def plain_app(max_batch_size: int, wait_s: float) -> Any:
             return out
 
         @api.post("/v1/embeddings")
-        async def embeddings(self, body: dict[str, Any]) -> dict[str, Any]:
-            texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        async def embeddings(self, body: Body) -> dict[str, Any]:  # type: ignore[valid-type]  (a real annotation: no __future__ import here)
+            texts = body.input if isinstance(body.input, list) else [body.input]
             vectors = await self.batcher.submit(texts)
             return {"object": "list", "model": MODEL,
                     "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]}
