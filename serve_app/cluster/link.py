@@ -216,8 +216,13 @@ class RouterLink:
                 assert self._lifecycle is not None
                 with contextlib.suppress(Exception):
                     await self._lifecycle.enforce_idle()
-            self._report_now.clear()
+            # What happened during the report's round trip is reported next, not lost in a clear
+            # (while the router is unreachable, the retry waits its 0.5 s all the same).
+            if not (self.connected and self._transitions):
+                self._report_now.clear()
             self._usage_edge.clear()
+            if self._lifecycle is not None and (self._lifecycle.in_flight > 0) != self._reported_busy:
+                self._usage_edge.set()
             await self._wait_for_report(interval if self.connected else 0.5)
 
     async def _wait_for_report(self, timeout: float) -> None:
@@ -235,6 +240,9 @@ class RouterLink:
                 for waiter in waiters:
                     waiter.cancel()
             if self._usage_edge.is_set() and not self._report_now.is_set():
+                if not self.connected:  # the retry comes at the deadline; an edge does not hurry it
+                    self._usage_edge.clear()
+                    continue
                 await asyncio.sleep(min(USAGE_SETTLE_S, max(0.0, deadline - loop.time())))
                 self._usage_edge.clear()
                 assert self._lifecycle is not None

@@ -35,6 +35,9 @@ class FakeRouter:
     def __init__(self) -> None:
         self.reports: list[dict[str, Any]] = []
         self.commands: asyncio.Queue[list[dict[str, Any]]] = asyncio.Queue()
+        self.answer = asyncio.Event()  # a heartbeat's round trip ends when this is set
+        self.answer.set()
+        self.waiting = asyncio.Event()
 
     def __getattr__(self, name: str) -> _Method:
         return _Method(self, name)
@@ -42,6 +45,8 @@ class FakeRouter:
     async def call(self, name: str, *args: Any) -> Any:
         if name in ("register", "heartbeat"):
             self.reports.append(args[0])
+            self.waiting.set()
+            await self.answer.wait()
             return {} if name == "register" else True
         if name == "next_commands":
             await asyncio.sleep(args[1])
@@ -131,5 +136,32 @@ async def test_weights_are_sized_once_and_work_counters_ride_along() -> None:
         assert adapter.weight_reads == 1
         assert router.reports[-1]["weights_bytes"] == adapter.size_bytes
         assert router.reports[-1]["status"]["work"] == {"batches": 3, "texts": 12}
+    finally:
+        link.stop()
+
+
+async def test_an_edge_during_a_report_round_trip_is_reported_next(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(link_module, "USAGE_SETTLE_S", 0.05)
+    link, lc, router, _ = await _linked()
+    try:
+        async with lc.use():
+            pass
+        await _until(lambda: router.reports[-1]["status"]["in_flight"] == 0)
+        gate = asyncio.Event()
+
+        async def busy() -> None:
+            async with lc.use():
+                await gate.wait()
+
+        router.answer.clear()
+        router.waiting.clear()
+        task = asyncio.ensure_future(busy())  # busy edge: a report starts and hangs in flight
+        await router.waiting.wait()
+        gate.set()
+        await task  # idle again while that report (which said busy) is on its way
+        assert router.reports[-1]["status"]["in_flight"] == 1
+        router.answer.set()
+        # Far sooner than the 30 s heartbeat: the idle edge was not lost with the round trip.
+        await _until(lambda: router.reports[-1]["status"]["in_flight"] == 0, timeout_s=1.0)
     finally:
         link.stop()
