@@ -35,8 +35,9 @@ class FakeRouter:
     def __init__(self) -> None:
         self.reports: list[dict[str, Any]] = []
         self.commands: asyncio.Queue[list[dict[str, Any]]] = asyncio.Queue()
-        self.answer = asyncio.Event()  # a heartbeat's round trip ends when this is set
-        self.answer.set()
+        #: While set, a report that says "busy" stays in flight until `answer` is set.
+        self.hold_busy = False
+        self.answer = asyncio.Event()
         self.waiting = asyncio.Event()
 
     def __getattr__(self, name: str) -> _Method:
@@ -45,8 +46,9 @@ class FakeRouter:
     async def call(self, name: str, *args: Any) -> Any:
         if name in ("register", "heartbeat"):
             self.reports.append(args[0])
-            self.waiting.set()
-            await self.answer.wait()
+            if self.hold_busy and args[0]["status"]["in_flight"] > 0:
+                self.waiting.set()
+                await self.answer.wait()
             return {} if name == "register" else True
         if name == "next_commands":
             await asyncio.sleep(args[1])
@@ -153,8 +155,7 @@ async def test_an_edge_during_a_report_round_trip_is_reported_next(monkeypatch: 
             async with lc.use():
                 await gate.wait()
 
-        router.answer.clear()
-        router.waiting.clear()
+        router.hold_busy = True
         task = asyncio.ensure_future(busy())  # busy edge: a report starts and hangs in flight
         await router.waiting.wait()
         gate.set()
