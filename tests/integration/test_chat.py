@@ -172,24 +172,28 @@ def test_same_greedy_output_across_offload_restore_and_release_reload(url: str, 
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_leaving_stops_generation_and_returns_the_lease(url: str, client: openai.OpenAI, stream: bool) -> None:
-    greedy_chat(client)  # the model is on its device
-    # 4000 tokens take about 10 s here. An offload waits for every lease on the model, so how
+    # 4000 tokens take 5-10 s here. An offload waits for every lease on the model, so how
     # soon it finishes after the client leaves says when the generation thread really ended.
+    # Leaving at several moments: HAProxy with kernel splicing missed about one abort in three
+    # on a request with a body (serve_app/cluster/proxy.py), and one try rarely showed it.
     body = {"model": MODEL, "messages": CHAT, "max_tokens": 4000, "temperature": 0, "stream": stream}
-    if stream:
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as resp:
-            assert resp.status_code == 200
-            assert resp.headers["content-type"].startswith("text/event-stream")
-            first = next(line for line in resp.iter_lines() if line.startswith("data: "))
-            assert first.startswith('data: {"id": "chatcmpl-')
-    else:
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{url}/v1/chat/completions", json=body, timeout=1.0)
-    start = time.monotonic()
-    resp = httpx.post(f"{url}/gpu/offload", json={"model": MODEL}, timeout=60)
-    [inst] = resp.json()["instances"]
-    assert inst["outcome"] == "offloaded: cpu", inst
-    assert time.monotonic() - start < 4.0
+    for leave_after_s in (0.4, 0.7, 1.0, 1.3):
+        greedy_chat(client)  # the model is on its device
+        if stream:
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as resp:
+                assert resp.status_code == 200
+                assert resp.headers["content-type"].startswith("text/event-stream")
+                first = next(line for line in resp.iter_lines() if line.startswith("data: "))
+                assert first.startswith('data: {"id": "chatcmpl-')
+                time.sleep(leave_after_s)
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{url}/v1/chat/completions", json=body, timeout=leave_after_s)
+        start = time.monotonic()
+        resp = httpx.post(f"{url}/gpu/offload", json={"model": MODEL}, timeout=60)
+        [inst] = resp.json()["instances"]
+        assert inst["outcome"] == "offloaded: cpu", (leave_after_s, inst)
+        assert time.monotonic() - start < 4.0, f"the generation outlived its client (left after {leave_after_s} s)"
 
 
 # --- errors ----------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import yaml
 from kubernetes_validate.utils import latest_version
 
 from serve_app import k8s
+from serve_app.cluster import proxy
 from serve_app.config import GiB, parse_app_config
 from tests.unit import kustomize
 
@@ -326,3 +327,17 @@ def test_image_versions_match_the_project(rendered: list) -> None:
     assert re.search(r"/whl/cu\d+$", args["TORCH_INDEX"])
     assert re.search(r"^FROM nvidia/cuda:\S+-runtime-", dockerfile, re.MULTILINE)
     assert '"ray[serve]==${RAY_VERSION}"' in dockerfile and '".[models]"' in dockerfile
+
+
+def test_every_node_runs_haproxy_through_the_launcher(rendered: list) -> None:
+    """HAProxy mode on head and workers alike, started by `gpu-serve-haproxy` (splicing off:
+    client aborts reach the replicas), which the image's venv installs with the project."""
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts[proxy.LAUNCHER] == "serve_app.cluster.proxy:launcher_main"
+    dockerfile = (K8S / "Dockerfile").read_text()
+    venv_bin = re.search(r"^ENV PATH=(\S+):\$PATH", dockerfile, re.MULTILINE)
+    assert venv_bin is not None
+    for container in _containers(rendered):
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert env[proxy.ENABLE] == "1", container["name"]
+        assert env[proxy.BINARY] == f"{venv_bin.group(1)}/{proxy.LAUNCHER}", container["name"]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from serve_app.cluster import proxy
@@ -39,3 +43,29 @@ def test_a_binary_that_does_not_run_is_skipped(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv(proxy.BINARY, "/nonexistent/haproxy")
     found = proxy.find_haproxy()
     assert found != "/nonexistent/haproxy"
+
+
+def test_haproxy_runs_through_the_launcher_with_splicing_off(tmp_path: Path) -> None:
+    # A stand-in binary that prints the arguments it was started with.
+    fake = tmp_path / "haproxy"
+    fake.write_text('#!/bin/sh\necho "$@"\n')
+    fake.chmod(0o755)
+    choice = proxy.choose("haproxy")
+    launcher = choice.env[proxy.BINARY]
+    assert Path(launcher).name == proxy.LAUNCHER and choice.env[proxy.REAL_BINARY] != launcher
+    env = {**os.environ, proxy.REAL_BINARY: str(fake), proxy.BINARY: launcher}
+    out = subprocess.run([launcher, "-db", "-f", "/x/haproxy.cfg", "-sf", "12"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [proxy.NO_SPLICE, "-db", "-f", "/x/haproxy.cfg", "-sf", "12"]
+
+
+def test_the_launcher_is_never_taken_for_the_binary(monkeypatch: pytest.MonkeyPatch) -> None:
+    # KubeRay pods set RAY_SERVE_HAPROXY_BINARY_PATH to the launcher: it must not run itself.
+    launcher = proxy.launcher_path()
+    assert launcher is not None
+    monkeypatch.setenv(proxy.BINARY, launcher)
+    monkeypatch.delenv(proxy.REAL_BINARY, raising=False)
+    found = proxy.find_haproxy()
+    assert found is not None and Path(found).name != proxy.LAUNCHER
+    assert proxy.choose("haproxy").env[proxy.REAL_BINARY] == found
