@@ -329,7 +329,7 @@ def test_image_versions_match_the_project(rendered: list) -> None:
     assert '"ray[serve]==${RAY_VERSION}"' in dockerfile and '".[models]"' in dockerfile
 
 
-def test_every_node_runs_haproxy_through_the_launcher(rendered: list) -> None:
+def test_every_node_runs_haproxy_through_the_launcher_and_handles_over_grpc(rendered: list) -> None:
     """HAProxy mode on head and workers alike, started by `gpu-serve-haproxy` (splicing off:
     client aborts reach the replicas), which the image's venv installs with the project."""
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
@@ -341,3 +341,4 @@ def test_every_node_runs_haproxy_through_the_launcher(rendered: list) -> None:
         env = {e["name"]: e.get("value") for e in container.get("env", [])}
         assert env[proxy.ENABLE] == "1", container["name"]
         assert env[proxy.BINARY] == f"{venv_bin.group(1)}/{proxy.LAUNCHER}", container["name"]
+        assert env[proxy.GRPC_HANDLES] == "1", container["name"]

@@ -69,3 +69,13 @@ def test_the_launcher_is_never_taken_for_the_binary(monkeypatch: pytest.MonkeyPa
     found = proxy.find_haproxy()
     assert found is not None and Path(found).name != proxy.LAUNCHER
     assert proxy.choose("haproxy").env[proxy.REAL_BINARY] == found
+
+
+def test_a_local_cluster_gets_grpc_handles_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(proxy.GRPC_HANDLES, raising=False)
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # apply() writes here, not to the real one
+    proxy.apply(proxy.choose("serve"))
+    assert os.environ[proxy.GRPC_HANDLES] == "1" and os.environ[proxy.ENABLE] == "0"
+    os.environ[proxy.GRPC_HANDLES] = "0"
+    proxy.apply(proxy.choose("serve"))
+    assert os.environ[proxy.GRPC_HANDLES] == "0"
