@@ -91,8 +91,11 @@ def launch_argv(binary: str, args: list[str]) -> list[str]:
 
 def launcher_main() -> None:
     """`gpu-serve-haproxy`: exec the real HAProxy with splicing off, in the same process (Ray
-    signals and reloads the pid it started). Point RAY_SERVE_HAPROXY_BINARY_PATH at it."""
-    binary = find_haproxy()
+    signals and reloads the pid it started). Point RAY_SERVE_HAPROXY_BINARY_PATH at it.
+
+    Ray starts it on every HAProxy reload: the binary `choose()` already checked is run as it
+    is; only without one (a cluster started elsewhere) is a binary looked for and tried."""
+    binary = os.environ.get(REAL_BINARY) or find_haproxy()
     if binary is None:
         sys.stderr.write(
             f"{LAUNCHER}: no runnable haproxy found; install ray[serve] (it bundles one) or "
@@ -100,7 +103,11 @@ def launcher_main() -> None:
         )
         raise SystemExit(127)
     argv = launch_argv(binary, sys.argv[1:])
-    os.execv(argv[0], argv)
+    try:
+        os.execv(argv[0], argv)
+    except OSError as exc:
+        sys.stderr.write(f"{LAUNCHER}: cannot run {binary!r} ({exc.strerror}); check {REAL_BINARY}\n")
+        raise SystemExit(127) from None
 
 
 def _runs(path: str) -> bool:
