@@ -466,6 +466,11 @@ class RankPlanner(Planner):
                     elif loads >= self.max_loads:
                         freeing_enough = True
                     continue
+                if loads >= self.max_loads:
+                    # Evict when the load slot frees, as gpu-serve does: every baseline gains from it
+                    # (Belady-Size 165/196/56 -> 157/181/56 cold loads on one 48 GiB GPU).
+                    freeing_enough = True
+                    continue
                 freeing = sum(
                     x.spec.bytes for x in sim.insts.values() if x.gpu == g and x.state is S.OFFLOADING
                 ) + sum(x.releasing_gpu for x in sim.insts.values() if x.gpu == g)

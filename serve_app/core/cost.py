@@ -53,6 +53,18 @@ cold loads):
   Size's own figures (165/196/56): the planner's mechanics are not the gap, the prediction is. The
   first request of each session is unpredictable from a model's own history, which is what keeps
   seeds 2 and 3 above 1.2x Belady-Size (235/67) on one GPU.
+
+**Third round: the mechanics, not the estimate.** Choosing evictions when a load slot frees
+instead of when the request arrives (`policy._place`) made 177/216/67 cold loads on one GPU (p95
+wait 14/36/0 -> 8/12/0 s); every baseline evicts the same way since (Belady-Size 157/181/56, so
+1.13/1.19/1.20x). Pricing a plan's offloads against the host room they share (the second of two
+offloads that each fit alone is a release) took seed2 on two GPUs from 21 to 20 cold loads and 437
+to 416 reload seconds. With both, other estimates did no better: the whole trace's gaps per model
+182/204/68; a horizon-averaged hazard ``P(next within H) / E[min(residual, H)]`` for releases, H 120
+s 183/215/73, 600 s 178/215/66; cost horizons 3/30/100 s within one load of 10 s; for offloads the
+same hazard (H 30/120/600 s) 24/27/23 cold loads on seed2, and the true next use for every eviction
+180.0/328.6/138.2 reload seconds (Belady-Size 184.9/476.5/139.6): the restore ranking on seeds 1
+and 3 is what an online estimate has yet to close.
 """
 
 from __future__ import annotations

@@ -257,6 +257,27 @@ def test_a_busy_gpu_is_skipped_for_one_that_is_free_to_load() -> None:
     assert admits(decide(snap, 0.0)) == {"req-x": "g1"}
 
 
+def test_evictions_wait_for_a_free_load_slot() -> None:
+    """Nothing is evicted for a load that could not start yet; once the slot frees, it is."""
+    limits = replace(NO_MARGIN, max_loads_per_gpu=1)
+    snap = world([inst("a", 8), inst("b", 4, state=S.LOADING)], [req("x", 8)], limits=limits)
+    actions = decide(snap, 10.0)
+    assert evicted(actions) == [] and admits(actions) == {}
+    assert "evictions are chosen when one finishes" in waits(actions)["req-x"]
+    snap = world([inst("a", 8), inst("b", 4)], [req("x", 8)], limits=limits)
+    assert offloaded(decide(snap, 10.0)) == ["a"]
+
+
+def test_a_plans_offloads_share_the_host_room() -> None:
+    """Two offloads that each fit the host budget alone, but not together, are priced as one
+    offload and one release: here the single release on the other GPU is cheaper."""
+    a = replace(inst("a", 6, last_used=0), request_rate_hz=0.01)
+    b = replace(inst("b", 6, last_used=0), request_rate_hz=0.01)
+    c = replace(inst("c", 12, gpu="g1", last_used=0), request_rate_hz=0.01, next_use_at=1100.0)
+    snap = world([a, b, c], [req("x", 12, gpus=("g0", "g1"))], gpus={"g0": 12, "g1": 12}, budget={"n0": 6})
+    assert evicted(decide(snap, 100.0)) == ["c"]
+
+
 def test_max_models_per_gpu_skips_a_full_gpu() -> None:
     limits = replace(NO_MARGIN, max_models_per_gpu=2)
     resident = [inst("a", 1, in_flight=1), inst("b", 1, state=S.LOADING)]
