@@ -153,36 +153,17 @@ class Soak:
         from serve_app.cluster.router import ROUTER_NAME
 
         rng = random.Random(13)
-        # The first scale-up comes a few seconds in, so that its replica starts while traffic runs
-        # (the CI form's requests can all be done before a first change at SCALE_EVERY_S).
-        last_kill, last_scale = 0.0, time.monotonic() - SCALE_EVERY_S + 3.0
         kills = itertools.cycle(["kill_replica", "kill_router", "kill_probe"])  # each kind, in turn
         models = (EMB, LM, WHISPER)
-        scaled: str | None = None
+        last_kill = 0.0
         while not self.stop.wait(rng.uniform(0.8, 1.6)):
             action = rng.choice(["offload", "release", "load", "timeout", "external", "kill"])
-            if time.monotonic() - last_scale >= SCALE_EVERY_S:
-                action = "scale"
-            elif action == "kill":
+            if action == "kill":
                 if time.monotonic() - last_kill < 8.0:
                     continue  # one kill at a time: each needs seconds to come back
                 action = next(kills)
             try:
-                self._count_replicas(models)
-                if action == "scale":
-                    # Up: one model to two replicas (Serve starts one more while traffic runs);
-                    # down: back to the app's own bounds (Serve stops one, draining its requests).
-                    last_scale = time.monotonic()
-                    if scaled is None:
-                        scaled = rng.choice(models)
-                        apply_serve_config(self.args, scaled_up(scaled))
-                        self.scales.append(f"{scaled} up to {SCALE_UP[0]}..{SCALE_UP[1]}")
-                        self.scaled = scaled
-                    else:
-                        apply_serve_config(self.args)
-                        self.scales.append(f"{scaled} back to 0..1")
-                        scaled = self.scaled = None
-                elif action in ("offload", "release", "load"):
+                if action in ("offload", "release", "load"):
                     admin(self.url, action, {"model": rng.choice(models)})
                 elif action == "timeout":
                     admin(self.url, "timeout", {"model": rng.choice(models), "idle_timeout_s": rng.choice([0, 2, 300])})
@@ -205,6 +186,35 @@ class Soak:
                 self.chaos[action] += 1
             except Exception as exc:  # chaos may hit a restarting router: record and go on
                 self.chaos[f"{action} (refused: {type(exc).__name__})"] += 1
+
+    def scale_loop(self) -> None:
+        """Scale changes on their own schedule, apart from the other chaos: an admin call can wait
+        on a drain for most of the CI form's run (CI: a release held the one loop for 30 s, and
+        the first scale-up never came)."""
+        rng = random.Random(17)
+        models = (EMB, LM, WHISPER)
+        # The first scale-up comes 3 s in, so that its replica starts while traffic runs.
+        next_change = time.monotonic() + 3.0
+        while not self.stop.wait(1.0):
+            self._count_replicas(models)
+            if time.monotonic() < next_change:
+                continue
+            next_change = time.monotonic() + SCALE_EVERY_S
+            try:
+                # Up: one model to two replicas (Serve starts one more while traffic runs);
+                # down: back to the app's own bounds (Serve stops one, draining its requests).
+                if self.scaled is None:
+                    scaled = rng.choice(models)
+                    apply_serve_config(self.args, scaled_up(scaled))
+                    self.scaled = scaled
+                    self.scales.append(f"{scaled} up to {SCALE_UP[0]}..{SCALE_UP[1]}")
+                else:
+                    apply_serve_config(self.args)
+                    self.scales.append(f"{self.scaled} back to 0..1")
+                    self.scaled = None
+                self.chaos["scale"] += 1
+            except Exception as exc:  # the controller may be busy: record and go on
+                self.chaos[f"scale (refused: {type(exc).__name__})"] += 1
 
     def _count_replicas(self, models: tuple[str, ...]) -> None:
         """Serve's own count of RUNNING replicas per model (not the router's rows: a killed
@@ -247,16 +257,19 @@ def test_soak_under_chaos_loses_nothing(hardened_url: str, hardened_args_once: d
     rss_before, ingress_before = _ingress_rss(), ingress_pid()
     assert rss_before > 0, "the ingress process was not found"
     chaos = threading.Thread(target=soak.chaos_loop, daemon=True)
+    scaler = threading.Thread(target=soak.scale_loop, daemon=True)
     clients = [threading.Thread(target=soak.client) for _ in range(CLIENTS)]
     start = time.monotonic()
     soak.deadline = start + BUDGET_S
     chaos.start()
+    scaler.start()
     for t in clients:
         t.start()
     for t in clients:
         t.join(timeout=BUDGET_S + 200)
     soak.stop.set()
     chaos.join(timeout=60)
+    scaler.join(timeout=60)
     took = time.monotonic() - start
     assert not any(t.is_alive() for t in clients), "a client hung"
     # A scale-up still in effect: give Serve its replica start (bounded) before counting.
