@@ -33,7 +33,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import _cluster
-from bench.peers import latencies, percentile, throughput
+from bench.peers import p50_and_throughput
 
 VARIANTS = ("one", "serve-handle", "ray-actor")
 
@@ -107,10 +107,7 @@ async def measure(base: str, seconds: float) -> tuple[float, float]:
         async def call() -> None:
             (await client.post(f"{base}/e", json={"input": "hello there"})).raise_for_status()
 
-        for _ in range(10):
-            await call()
-        lat = await latencies(call, 150)
-        return 1000 * percentile(lat, 0.5), await throughput(call, 8, seconds)
+        return await p50_and_throughput(call, warm=10, samples=150, clients=8, seconds=seconds)
 
 
 def main() -> None:

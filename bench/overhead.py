@@ -27,7 +27,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import _cluster
-from bench.peers import SENTENCE, latencies, percentile, throughput
+from bench.peers import SENTENCE, p50_and_throughput
 
 MODEL = "all-MiniLM-L6-v2"
 
@@ -86,10 +86,7 @@ async def measure(url: str, seconds: float) -> tuple[float, float]:
             r = await client.post(f"{url}/v1/embeddings", json={"model": MODEL, "input": SENTENCE})
             r.raise_for_status()
 
-        for _ in range(5):
-            await call()
-        lat = await latencies(call, 100)
-        return 1000 * percentile(lat, 0.5), await throughput(call, 8, seconds)
+        return await p50_and_throughput(call, warm=5, samples=100, clients=8, seconds=seconds)
 
 
 def main() -> None:

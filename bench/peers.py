@@ -181,6 +181,17 @@ async def throughput(call: Callable[[], Awaitable[None]], clients: int, seconds:
     return done / (time.perf_counter() - t0)
 
 
+async def p50_and_throughput(
+    call: Callable[[], Awaitable[None]], *, warm: int, samples: int, clients: int, seconds: float
+) -> tuple[float, float]:
+    """p50 in ms over `samples` lone calls after `warm` unmeasured ones, then calls/s with
+    `clients` concurrent loops for `seconds` (`bench/overhead.py`, `bench/hop.py`)."""
+    for _ in range(warm):
+        await call()
+    lat = await latencies(call, samples)
+    return 1000 * percentile(lat, 0.5), await throughput(call, clients, seconds)
+
+
 def embed_call(client: httpx.AsyncClient, url: str, model: str, n: int) -> Callable[[], Awaitable[None]]:
     body = {"model": model, "input": [SENTENCE] * n if n > 1 else SENTENCE}
 

@@ -35,6 +35,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.soak]
 REQUESTS = int(os.environ.get("GPU_SERVE_SOAK_REQUESTS", "1000"))
 BUDGET_S = float(os.environ.get("GPU_SERVE_SOAK_S", "150"))
 CLIENTS = 8
+MODELS = (EMB, LM, WHISPER)
 SENTENCE = "Please send the quarterly report to the finance team by Friday."
 MiB = 1024**2
 #: (min_replicas, max_replicas) of a scaled-up model; (0, 1) is the hardened app's own.
@@ -154,7 +155,6 @@ class Soak:
 
         rng = random.Random(13)
         kills = itertools.cycle(["kill_replica", "kill_router", "kill_probe"])  # each kind, in turn
-        models = (EMB, LM, WHISPER)
         last_kill = 0.0
         while not self.stop.wait(rng.uniform(0.8, 1.6)):
             action = rng.choice(["offload", "release", "load", "timeout", "external", "kill"])
@@ -164,15 +164,15 @@ class Soak:
                 action = next(kills)
             try:
                 if action in ("offload", "release", "load"):
-                    admin(self.url, action, {"model": rng.choice(models)})
+                    admin(self.url, action, {"model": rng.choice(MODELS)})
                 elif action == "timeout":
-                    admin(self.url, "timeout", {"model": rng.choice(models), "idle_timeout_s": rng.choice([0, 2, 300])})
+                    admin(self.url, "timeout", {"model": rng.choice(MODELS), "idle_timeout_s": rng.choice([0, 2, 300])})
                 elif action == "external":
                     router = ray.get_actor(ROUTER_NAME, namespace=NAMESPACE)
                     for gpu in status(self.url)["gpus"]:
                         ray.get(router.simulate_external.remote(gpu["uuid"], rng.choice([0, 0, 512 * MiB])))
                 elif action == "kill_replica":
-                    rows = [m for m in status(self.url)["models"] if m["replica"] and m["model"] in models]
+                    rows = [m for m in status(self.url)["models"] if m["replica"] and m["model"] in MODELS]
                     if rows:
                         ray.kill(ray.get_actor(rng.choice(rows)["replica"], namespace="serve"), no_restart=True)
                     last_kill = time.monotonic()
@@ -192,11 +192,10 @@ class Soak:
         on a drain for most of the CI form's run (CI: a release held the one loop for 30 s, and
         the first scale-up never came)."""
         rng = random.Random(17)
-        models = (EMB, LM, WHISPER)
         # The first scale-up comes 3 s in, so that its replica starts while traffic runs.
         next_change = time.monotonic() + 3.0
         while not self.stop.wait(1.0):
-            self._count_replicas(models)
+            self._count_replicas(MODELS)
             if time.monotonic() < next_change:
                 continue
             next_change = time.monotonic() + SCALE_EVERY_S
@@ -204,7 +203,7 @@ class Soak:
                 # Up: one model to two replicas (Serve starts one more while traffic runs);
                 # down: back to the app's own bounds (Serve stops one, draining its requests).
                 if self.scaled is None:
-                    scaled = rng.choice(models)
+                    scaled = rng.choice(MODELS)
                     apply_serve_config(self.args, scaled_up(scaled))
                     self.scaled = scaled
                     self.scales.append(f"{scaled} up to {SCALE_UP[0]}..{SCALE_UP[1]}")
@@ -247,7 +246,7 @@ def test_soak_under_chaos_loses_nothing(hardened_url: str, hardened_args_once: d
     from serve_app.cluster.router import ROUTER_NAME
 
     url = hardened_url
-    for m in (EMB, LM, WHISPER):  # a known starting point: configured timeouts, every model warm
+    for m in MODELS:  # a known starting point: configured timeouts, every model warm
         admin(url, "timeout", {"model": m, "idle_timeout_s": 300, "release_timeout_s": 1800})
     soak = Soak(url, clip, hardened_args_once)
     warm = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
@@ -275,7 +274,7 @@ def test_soak_under_chaos_loses_nothing(hardened_url: str, hardened_args_once: d
     # A scale-up still in effect: give Serve its replica start (bounded) before counting.
     wait_until = time.monotonic() + 60
     while soak.most_replicas < 2 and soak.scaled is not None and time.monotonic() < wait_until:
-        soak._count_replicas((EMB, LM, WHISPER))
+        soak._count_replicas(MODELS)
         time.sleep(1)
     # Back to the app's own scale (one replica at most per model), for the tests after this one.
     apply_serve_config(hardened_args_once)
@@ -288,7 +287,7 @@ def test_soak_under_chaos_loses_nothing(hardened_url: str, hardened_args_once: d
     deadline = time.monotonic() + 60  # a stopped replica leaves the router's view after replica_timeout_s
     while time.monotonic() < deadline:
         mismatches = []
-        for m in (EMB, LM, WHISPER):
+        for m in MODELS:
             rows = [r for r in status(url)["models"] if r["model"] == m and r["replica"]]
             try:
                 own = serve.get_deployment_handle("model-" + m, app_name="gpu-serve").replica_status.remote().result(
