@@ -550,3 +550,28 @@ def test_same_snapshot_same_actions_whatever_the_input_order(seed: int) -> None:
         pending=tuple(rng.sample(snap.pending, len(snap.pending))),
     )
     assert decide(shuffled, 100.0) == expected
+
+
+def test_a_cheap_plan_on_a_gpu_busy_for_a_moment_beats_a_dear_one_now() -> None:
+    """g1 could make room now only by evicting a model in use every few seconds; g0 needs one
+    idle model offloaded, once its 0.2 s restore ends. The request waits for g0 then, and takes
+    g1 at once when g0's load in flight is a long cold load instead."""
+    limits = replace(NO_MARGIN, max_loads_per_gpu=1)
+    hot = replace(inst("hot", 10, gpu="g1", last_used=99.0), request_rate_hz=0.5, restore_s=0.2, load_s=20.0)
+    cold = replace(inst("cold", 4, last_used=0.0), request_rate_hz=0.001)
+    gpus = {"g0": 12, "g1": 12}
+
+    def snap(loading: InstanceView) -> Snapshot:
+        pending = [req("x", 8, gpus=("g0", "g1"))]
+        return world([loading, cold, hot], pending, gpus=gpus, budget={"n0": 10}, limits=limits)
+
+    restoring = replace(inst("a", 2, state=S.RESTORING), restore_s=0.2)
+    actions = decide(snap(restoring), 100.0)
+    assert evicted(actions) == [] and admits(actions) == {}
+    assert "once its load in flight ends" in waits(actions)["req-x"]
+    # Once g0's restore is done, its plan is made: the idle model goes, the hot one stays.
+    done = replace(restoring, state=S.GPU, bytes_cpu=0, last_used_at=100.0, request_rate_hz=1.0)
+    assert offloaded(decide(snap(done), 100.2)) == ["cold"]
+    # A cold load of 30 s in flight on g0: waiting costs more than evicting on g1 now.
+    loading = replace(inst("a", 2, state=S.LOADING), load_s=30.0)
+    assert evicted(decide(snap(loading), 100.0)) == ["hot"]
