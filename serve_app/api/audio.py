@@ -29,7 +29,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from deployments.whisper import TranscriptionOptions
-from serve_app.api.context import Context, get_context
+from serve_app.api.context import Context, request_context
 from serve_app.api.errors import unwrap
 from serve_app.errors import InvalidRequest, PayloadTooLarge, ServeError, error_body
 
@@ -65,12 +65,12 @@ def _form_body(model: type[BaseModel]) -> dict[str, Any]:
 
 
 @router.post("/v1/audio/transcriptions", openapi_extra=_form_body(TranscriptionForm))
-async def create_transcription(request: Request, ctx: Context = Depends(get_context)) -> Response:
+async def create_transcription(request: Request, ctx: Context = Depends(request_context)) -> Response:
     return await _handle(request, ctx, task="transcribe")
 
 
 @router.post("/v1/audio/translations", openapi_extra=_form_body(TranscriptionForm))
-async def create_translation(request: Request, ctx: Context = Depends(get_context)) -> Response:
+async def create_translation(request: Request, ctx: Context = Depends(request_context)) -> Response:
     return await _handle(request, ctx, task="translate")
 
 

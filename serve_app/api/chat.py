@@ -23,7 +23,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.api import progress
-from serve_app.api.context import Context, get_context
+from serve_app.api.context import Context, request_context
 from serve_app.api.errors import unwrap
 from serve_app.errors import InvalidRequest, ServeError, error_body
 
@@ -204,7 +204,9 @@ def _stream_response(events: AsyncIterator[str]) -> StreamingResponse:
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(req: ChatCompletionRequest, response: Response, ctx: Context = Depends(get_context)) -> Any:
+async def chat_completions(
+    req: ChatCompletionRequest, response: Response, ctx: Context = Depends(request_context)
+) -> Any:
     model = ctx.model(req.model, family=FAMILY)
     max_tokens, param = req.max_tokens, "max_tokens"
     if req.max_completion_tokens is not None:
@@ -251,7 +253,7 @@ async def chat_completions(req: ChatCompletionRequest, response: Response, ctx: 
 
 
 @router.post("/v1/completions", response_model=None)
-async def completions(req: CompletionRequest, response: Response, ctx: Context = Depends(get_context)) -> Any:
+async def completions(req: CompletionRequest, response: Response, ctx: Context = Depends(request_context)) -> Any:
     model = ctx.model(req.model, family=FAMILY)
     params = sampling_params(req, req.max_tokens, "max_tokens")
     prompt = completion_prompt(req.prompt)

@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from serve_app.api.context import Context, get_context
+from serve_app.api.context import Context, request_context
 from serve_app.api.errors import unwrap
 from serve_app.config import PYTHON_FAMILY
 from serve_app.errors import ModelNotFound, PayloadTooLarge
@@ -47,7 +47,7 @@ _ANY_BODY = {
 }
 
 
-async def custom(rest: str, request: Request, ctx: Context = Depends(get_context)) -> Response:
+async def custom(rest: str, request: Request, ctx: Context = Depends(request_context)) -> Response:
     model_id, path = split_custom_path(ctx, rest)
     body = await request.body()
     limit = ctx.config.http.max_upload_bytes

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serve_app.api import progress
-from serve_app.api.context import Context, get_context
+from serve_app.api.context import Context, request_context
 from serve_app.errors import InvalidRequest
 
 router = APIRouter()
@@ -40,7 +40,7 @@ class EmbeddingsRequest(BaseModel):
 
 @router.post("/v1/embeddings", response_model=dict[str, Any])
 async def create_embeddings(
-    req: EmbeddingsRequest, ctx: Context = Depends(get_context)
+    req: EmbeddingsRequest, ctx: Context = Depends(request_context)
 ) -> Response:
     model = ctx.model(req.model, family="sentence-transformers")
     texts = [req.input] if isinstance(req.input, str) else list(req.input)

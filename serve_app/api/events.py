@@ -22,7 +22,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
-from serve_app.api.context import Context, get_context
+from serve_app.api.context import Context, request_context
 from serve_app.api.operations import call_router
 from serve_app.core.events import DropBuffer
 
@@ -129,7 +129,7 @@ async def _stream(
 async def gpu_events(
     request: Request,
     after: int | None = Query(None, ge=0, description="Replay the events the router still holds after this id."),
-    ctx: Context = Depends(get_context),
+    ctx: Context = Depends(request_context),
 ) -> StreamingResponse:
     """Lifecycle transitions and router decisions, as server-sent events."""
     last_id = request.headers.get("last-event-id")

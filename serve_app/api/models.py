@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 
-from serve_app.api.context import Context, get_context
+from serve_app.api.context import Context, request_context
 from serve_app.errors import ModelNotFound
 
 router = APIRouter()
@@ -20,12 +20,12 @@ def _model_card(m: Any) -> dict[str, Any]:
 
 
 @router.get("/v1/models")
-async def list_models(ctx: Context = Depends(get_context)) -> dict[str, Any]:
+async def list_models(ctx: Context = Depends(request_context)) -> dict[str, Any]:
     return {"object": "list", "data": [_model_card(m) for m in ctx.config.models]}
 
 
 @router.get("/v1/models/{model_id:path}")
-async def get_model(model_id: str, ctx: Context = Depends(get_context)) -> dict[str, Any]:
+async def get_model(model_id: str, ctx: Context = Depends(request_context)) -> dict[str, Any]:
     m = ctx.config.model(model_id)
     if m is None:
         raise ModelNotFound(model_id, [x.id for x in ctx.config.models])
@@ -33,7 +33,7 @@ async def get_model(model_id: str, ctx: Context = Depends(get_context)) -> dict[
 
 
 @router.get("/health")
-async def health(ctx: Context = Depends(get_context)) -> dict[str, Any]:
+async def health(ctx: Context = Depends(request_context)) -> dict[str, Any]:
     """Answers as soon as the ingress is up, with nothing loaded; adds the router's view."""
     summary: dict[str, Any] = {m.id: "unloaded" for m in ctx.config.models}
     router_ok = False
