@@ -510,7 +510,8 @@ class _Decision:
         feasible = [p for p in plans if p.available >= need and p.count_ok]
         if feasible:
             plan = min(feasible, key=_Plan.sort_key)
-            later = self._cheaper_once_loaded(open_slots, request, need, plan)
+            busy_slots = [s for s in open_slots if s.loads >= limits.max_loads_per_gpu]
+            later = self._cheaper_once_loaded(busy_slots, request, need, plan)
             if later is not None:
                 return self._wait(
                     request,
@@ -522,9 +523,10 @@ class _Decision:
         return self._wait(request, self._too_big(need, plans))
 
     def _cheaper_once_loaded(
-        self, slots: list[_Gpu], request: PendingLoad, need: int, plan: _Plan
+        self, busy_slots: list[_Gpu], request: PendingLoad, need: int, plan: _Plan
     ) -> _Plan | None:
-        """A plan on a GPU whose load slot is busy that beats `plan` by more than the wait for it.
+        """A plan on one of `busy_slots` (GPUs whose load slots are all taken) that beats `plan` by
+        more than the wait for it.
 
         Only GPUs with a free load slot were planned; on two GPUs one of them is often busy with a
         restore of a fraction of a second while the other could only make room by evicting a large
@@ -538,14 +540,13 @@ class _Decision:
         if plan.cost <= 0:
             return None
         best: _Plan | None = None
-        for s in slots:
-            if s.loads < self.limits.max_loads_per_gpu or s.loading_s <= 0:
+        best_s = plan.cost  # reload seconds plus the wait; a busy GPU's plan must beat this
+        for s in busy_slots:
+            if s.loading_s <= 0:  # busy only with admits made in this decision: no known end
                 continue
             p = self._plan(s, request, need)
-            if p.available < need or not p.count_ok or p.cost + s.loading_s >= plan.cost:
-                continue
-            if best is None or p.cost + s.loading_s < best.cost + best.gpu.loading_s:
-                best = p
+            if p.available >= need and p.count_ok and p.cost + s.loading_s < best_s:
+                best, best_s = p, p.cost + s.loading_s
         return best
 
     def _commit(self, request: PendingLoad, need: int, plan: _Plan) -> Wait:
