@@ -91,3 +91,9 @@ clean:
 .PHONY: bench-policy
 bench-policy: $(TEST_STAMP)
 	$(PY) bench/policy_sim.py --report bench/results
+
+# The same targets on fresh seeds of the trace generator (1-16; the committed traces are 1-3):
+# how well they hold on traces the policy was not tuned on.
+.PHONY: bench-policy-seeds
+bench-policy-seeds: $(TEST_STAMP)
+	$(PY) bench/policy_seeds.py --seeds 1-16
