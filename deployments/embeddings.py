@@ -76,8 +76,11 @@ class EmbeddingsDeployment(ModelReplica):
         super().__init__(model, app)
         self.embedder = Embedder(self.adapter, self.config.max_batch_size)
         # Counted in texts: a request of 32 sentences is a full batch on its own.
-        self.batcher: ContinuousBatcher[list[str], dict[str, Any]] = ContinuousBatcher(
-            self.embed_batch, self.config.max_batch_size, size=len, wait_s=self.config.batch_wait_timeout_s
+        # Each item is a request's texts and its arrival time: a forward pass serves several
+        # requests, and the router's trace must count each, not each batch.
+        self.batcher: ContinuousBatcher[tuple[list[str], float], dict[str, Any]] = ContinuousBatcher(
+            self.embed_batch, self.config.max_batch_size, size=lambda item: len(item[0]),
+            wait_s=self.config.batch_wait_timeout_s,
         )
         from serve_app.cluster.metrics import embeddings_batch_histogram
 
@@ -96,16 +99,16 @@ class EmbeddingsDeployment(ModelReplica):
 
     async def embed(self, texts: list[str]) -> dict[str, Any]:
         """One request's texts; merged with concurrent requests into `embed_batch`."""
-        return await self.batcher.submit(texts)
+        return await self.batcher.submit((texts, self.lifecycle.clock()))
 
-    async def embed_batch(self, requests: list[list[str]]) -> list[dict[str, Any]]:
-        flat = [text for texts in requests for text in texts]
+    async def embed_batch(self, requests: list[tuple[list[str], float]]) -> list[dict[str, Any]]:
+        flat = [text for texts, _ in requests for text in texts]
         self.batch_sizes.observe(len(flat), {"model": self.config.id})
         self.batches += 1
         self.texts += len(flat)
-        vectors, tokens = await self.run(self.embedder.encode, flat)
+        vectors, tokens = await self.run(self.embedder.encode, flat, arrivals=[at for _, at in requests])
         out, start = [], 0
-        for texts in requests:
+        for texts, _ in requests:
             end = start + len(texts)
             out.append({"embeddings": vectors[start:end], "tokens": sum(tokens[start:end])})
             start = end

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from serve_app.adapters import ModelAdapter
@@ -71,9 +71,13 @@ class ModelReplica:
         measured = max(self.lifecycle.footprint.bytes_gpu, self.lifecycle.footprint.bytes_cpu)
         return measured or self.config.vram_bytes or self.adapter.weights_bytes()
 
-    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run blocking model work in a thread while holding a lease on the model."""
-        async with self.lifecycle.use():
+    async def run(
+        self, fn: Callable[..., T], *args: Any, arrivals: Sequence[float] | None = None, **kwargs: Any
+    ) -> T:
+        """Run blocking model work in a thread while holding a lease on the model. `arrivals`: the
+        work is a batch of requests that arrived at these `lifecycle.clock()` times (the router's
+        trace counts each)."""
+        async with self.lifecycle.use(arrivals=arrivals):
             work = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
             try:
                 return await asyncio.shield(work)

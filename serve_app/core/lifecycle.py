@@ -23,7 +23,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,22 +122,25 @@ class Lifecycle:
     # --- requests ------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def use(self, *, record: bool = True) -> AsyncIterator[None]:
+    async def use(self, *, record: bool = True, arrivals: Sequence[float] | None = None) -> AsyncIterator[None]:
         """Hold the model on its serving device for the body of the block (`record`: a request,
-        logged for the router's trace; a preheat is not)."""
+        logged for the router's trace; a preheat is not). `arrivals`: the block serves several
+        requests at once (a batch), each logged with its own arrival time (by `clock`)."""
         arrived = self.clock()
+        times = (arrived,) if arrivals is None else tuple(arrivals)
         try:
             await self._acquire()
         except BaseException:
             if record:
-                self.request_log.append((arrived, 0.0))  # demand all the same: the trace keeps it
+                self.request_log.extend((at, 0.0) for at in times)  # demand all the same: the trace keeps it
             raise
         started = self.clock()
         try:
             yield
         finally:
             if record:
-                self.request_log.append((arrived, self.clock() - started))
+                held = self.clock() - started
+                self.request_log.extend((at, held) for at in times)
             await self._release_lease()
 
     @asynccontextmanager

@@ -118,3 +118,30 @@ def test_traffic_is_recorded_exported_replayed_and_audited(url: str, tmp_path: P
     assert replayed["gpu_misses"] == SWITCHES  # the simulator agrees with what the cluster did
     assert replayed["cold_loads"] == 2 and replayed["restores"] == SWITCHES - 2
     assert policies["belady-size"]["gpu_misses"] == SWITCHES
+
+
+def test_requests_sharing_a_forward_pass_are_each_in_the_trace(url: str) -> None:
+    """Concurrent embeddings requests share forward passes; the trace counts requests, not passes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def emb_rows() -> int:
+        return sum(r["model"] == EMB for r in csv.DictReader(io.StringIO(get(url, "/gpu/trace").text)))
+
+    def work() -> tuple[int, int]:
+        rows = get(url, "/gpu/status").json()["models"]
+        w = [r["work"] for r in rows if r.get("work") and "batches" in r["work"]]
+        return sum(x["batches"] for x in w), sum(x["texts"] for x in w)
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=180)
+    start = emb_rows()
+    client.embeddings.create(model=EMB, input="resident first")  # loaded, so the burst is all forward passes
+    wait_for(lambda: emb_rows() >= start + 1, 30.0, "the warm-up request in the trace")
+    rows_before, (batches_before, texts_before) = emb_rows(), work()
+    n = 16
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(lambda i: client.embeddings.create(model=EMB, input=[f"text {i}"] * 3), range(n)))
+    wait_for(lambda: emb_rows() >= rows_before + n, 30.0, f"{n} more embeddings requests in the trace")
+    batches, texts = work()
+    assert texts - texts_before == 3 * n
+    assert batches - batches_before < n  # some requests did share a forward pass
+    assert emb_rows() == rows_before + n  # and each is one row, no more

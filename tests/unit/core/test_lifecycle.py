@@ -826,6 +826,24 @@ async def test_requests_are_logged_with_arrival_and_hold_time_and_taken_once(lc:
     assert lc.status()["moves"] == {"load": 1, "restore": 1, "offload": 1, "release": 0}
 
 
+async def test_a_batch_logs_each_of_its_requests_at_its_own_arrival(lc: Lifecycle, clock: FakeClock) -> None:
+    """A forward pass serving three queued requests is three requests in the trace, not one."""
+    first = clock()
+    clock.advance(0.5)
+    second = clock()
+    async with lc.use(arrivals=[first, second, second]):
+        clock.advance(0.25)
+    assert lc.take_requests() == [(first, 0.25), (second, 0.25), (second, 0.25)]
+
+
+async def test_a_batch_whose_load_fails_logs_every_request_as_demand(lc: Lifecycle, adapter: FakeAdapter) -> None:
+    adapter.fail.add("load")
+    with pytest.raises(ModelLoadError):
+        async with lc.use(arrivals=[1.0, 2.0]):
+            pass
+    assert lc.take_requests() == [(1.0, 0.0), (2.0, 0.0)]
+
+
 async def test_a_request_whose_load_fails_is_logged_as_demand(lc: Lifecycle, adapter: FakeAdapter) -> None:
     adapter.fail.add("load")
     with pytest.raises(ModelLoadError):
