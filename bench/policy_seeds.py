@@ -24,7 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.policy_sim import ONLINE, SCENARIOS, Spec, simulate, targets  # noqa: E402
+from bench.policy_sim import (  # noqa: E402
+    SCENARIOS,
+    Spec,
+    feasible_online,
+    lowest_other_reload_s,
+    simulate,
+    targets,
+)
 from bench.policy_trace import generate  # noqa: E402
 
 Results = dict[str, dict[str, float]]
@@ -60,14 +67,13 @@ def run_seed(job: tuple[int, float, str]) -> tuple[int, str, Results]:
 
 def summary_line(scenario: str, r: Results) -> str:
     me, belady = r["gpu-serve"], r["belady-size"]
-    feasible = [n for n in ONLINE if r[n]["overcommits"] == 0]
     key = "cold_loads" if scenario.startswith("1x48") else "gpu_misses"
-    best = min(feasible, key=lambda n: r[n][key])
+    best = min(feasible_online(r), key=lambda n: r[n][key])
     line = (f"{key} {me[key]:.0f} / Belady-Size {belady[key]:.0f} = {me[key] / max(belady[key], 1):.2f}x, "
             f"best online {best} {r[best][key]:.0f}")
     if not scenario.startswith("1x48"):
-        others = min(row["reload_s"] for n, row in r.items() if "reload_s" in row and not n.startswith("gpu-serve"))
-        line += f"; cold {me['cold_loads']:.0f}; reload {me['reload_s']:.1f} s (lowest other {others:.1f})"
+        line += (f"; cold {me['cold_loads']:.0f}; reload {me['reload_s']:.1f} s "
+                 f"(lowest other {lowest_other_reload_s(r):.1f})")
     return line
 
 
