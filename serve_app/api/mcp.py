@@ -14,7 +14,9 @@ the SDK accepts only the Host headers it is given (421 otherwise), taken from
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
 from typing import Annotated, Any, Protocol
 
 from mcp.server.mcpserver import MCPServer
@@ -99,8 +101,24 @@ class ModelList(BaseModel):
     models: list[ModelInfo]
 
 
+def _without_root_logging(build: Callable[[], MCPServer]) -> MCPServer:
+    """Build the server, leaving the process's root logger as it was.
+
+    The SDK's constructor calls `logging.basicConfig(level="INFO")` with a rich handler: in the
+    ingress that put every library's INFO records, the SDK's own "session manager started"
+    among them, on stderr as multi-line rich boxes, and the service logs quietly, in its own format.
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        return build()
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
 def build_server(backend: Backend) -> MCPServer:
-    server = MCPServer("gpu-serve", instructions=INSTRUCTIONS)
+    server = _without_root_logging(lambda: MCPServer("gpu-serve", instructions=INSTRUCTIONS))
 
     async def run(call: Any) -> Any:
         try:

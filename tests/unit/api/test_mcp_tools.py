@@ -87,3 +87,24 @@ async def test_offload_reaches_every_replica_on_a_gpu(router: Router) -> None:
     assert result.structured_content["instances"] == [
         {"model": "a", "replica": "r1", "outcome": "offloaded: cpu", "state": "cpu"}
     ]
+
+
+
+def test_building_the_server_leaves_the_root_logger_alone() -> None:
+    """The SDK's constructor would give the root logger an INFO level and a rich handler, so
+    every library's INFO record would reach stderr from the ingress. A fresh interpreter: under
+    pytest the root logger already has handlers, and `basicConfig` then does nothing."""
+    import subprocess
+    import sys
+
+    script = (
+        "import logging\n"
+        "from serve_app.api import mcp\n"
+        "mcp.build_server(mcp.IngressBackend())\n"
+        "logging.getLogger('some.library').info('should not print')\n"
+        "root = logging.getLogger()\n"
+        "print(logging.getLevelName(root.level), len(root.handlers))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.split() == ["WARNING", "0"]
+    assert "should not print" not in done.stderr
