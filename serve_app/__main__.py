@@ -88,10 +88,6 @@ def local_ray_options() -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import ray
-    from ray import serve
-
-    from serve_app.app import build_app
     from serve_app.config import ConfigError, parse_app_config
     from serve_app.logs import serve_logging_config
 
@@ -107,6 +103,13 @@ def run(args: argparse.Namespace) -> int:
     port = int(args.port or http.get("port", 8000))
 
     started = start_ray(args.logical_gpus, args.logical_cpus, args.proxy)
+    # Serve reads its environment (the proxy mode, the handles' transport) when first imported,
+    # so it is imported only once `start_ray` has set it.
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_app
+
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: Any) -> None:

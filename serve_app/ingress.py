@@ -83,13 +83,15 @@ def mount_mcp(app: FastAPI) -> Any:
 @serve.ingress(build_fastapi)
 class Ingress:
     def __init__(self, handles: dict[str, Any], app: dict[str, Any]) -> None:
+        from serve_app.cluster.proxy import request_path, with_environment_transport
         from serve_app.cluster.router import get_or_create_router
         from serve_app.logs import configure_logging
 
         configure_logging()
         config = AppConfig.model_validate(app)
         router = get_or_create_router(config)
-        self.context = Context(config=config, handles=handles, router=router)
+        handles = with_environment_transport(handles)
+        self.context = Context(config=config, handles=handles, router=router, request_path=request_path(handles))
         set_context(self.context)
         self._placement = asyncio.get_running_loop().create_task(self._watch_placement())
 

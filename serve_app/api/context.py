@@ -21,6 +21,8 @@ class Context:
     router: Any = None
     #: {model id: why no live node can host a replica}; refreshed by the ingress every few seconds.
     unschedulable: dict[str, str] = field(default_factory=dict)
+    #: The proxy mode and the model handles' transport, as the ingress found them at start.
+    request_path: dict[str, str] = field(default_factory=dict)
 
     def model(self, model_id: str | None, family: str | None = None) -> ModelConfig:
         """The config of a served model; with `family` (a request to run it) also one Ray can place,

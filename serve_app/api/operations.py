@@ -39,6 +39,7 @@ async def gpu_status(ctx: Context) -> dict[str, Any]:
         cfg = ctx.config.model(row.get("model") or "")
         row["progress"] = estimate(row, rows, cfg.vram_bytes if cfg is not None else None)
     doc["unschedulable"] = dict(ctx.unschedulable)
+    doc["request_path"] = dict(ctx.request_path)
     return doc
 
 

@@ -33,6 +33,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger("serve_app.cluster.proxy")
 
@@ -192,3 +193,30 @@ def apply(choice: ProxyChoice) -> None:
     with handles over gRPC unless the environment already says otherwise."""
     os.environ.update(choice.env)
     os.environ.setdefault(GRPC_HANDLES, "1")
+
+
+def handles_over_grpc() -> bool:
+    """Whether this process's environment asks for Serve handles over gRPC (`GRPC_HANDLES`)."""
+    return os.environ.get(GRPC_HANDLES) == "1"
+
+
+def with_environment_transport(handles: dict[str, Any]) -> dict[str, Any]:
+    """The ingress's model handles, sending over the transport this process's environment names.
+
+    A handle carries its transport from the process that made it, read there when `ray.serve`
+    was first imported: `python -m serve_app run` imported it before `apply()` set the
+    variable, so every handle it bound went as Ray actor calls in the ingress whatever the
+    cluster's environment said, and so would any driver that imports Serve first.
+    """
+    by_reference = not handles_over_grpc()
+    return {model: h.options(_by_reference=by_reference) for model, h in handles.items()}
+
+
+def request_path(handles: dict[str, Any]) -> dict[str, str]:
+    """What this ingress sends through, for `/gpu/status`: the proxy mode in its environment and
+    the transport its model handles actually use."""
+    by_reference = {bool(h.handle_options._by_reference) for h in handles.values()}
+    transport = "none" if not by_reference else "mixed" if len(by_reference) > 1 else (
+        "ray-actor" if by_reference.pop() else "grpc"
+    )
+    return {"proxy": "haproxy" if os.environ.get(ENABLE) == "1" else "serve", "handles": transport}
