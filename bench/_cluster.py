@@ -29,12 +29,13 @@ def start(args: dict[str, Any], *, num_gpus: int = 2, proxy: str = "haproxy") ->
     import ray
     from ray import serve
 
-    from serve_app.app import build_app
+    from serve_app.app import applications
 
     ray.init(num_gpus=num_gpus, include_dashboard=False, _temp_dir=temp_dir, logging_level="ERROR", log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-    serve.run(build_app(args), name="bench", route_prefix="/", blocking=False)
+    for app in applications(args, name="bench"):
+        serve.run(**app, blocking=False)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from serve_app.app import build_app
+    from serve_app.app import applications
 
     stop = threading.Event()
 
@@ -125,17 +125,19 @@ def run(args: argparse.Namespace) -> int:
             logging_config=serve_logging_config(),
         )
         t0 = time.perf_counter()
-        serve.run(
-            build_app(app_doc.get("args") or {}),
-            name=app_doc.get("name", "gpu-serve"),
+        apps = applications(
+            app_doc.get("args") or {}, name=app_doc.get("name", "gpu-serve"),
             route_prefix=app_doc.get("route_prefix", "/"),
-            blocking=False,
         )
+        for app in apps:
+            serve.run(**app, blocking=False)
         base = f"http://{host}:{port}"
         ctx = ray.get_runtime_context()
         dashboard = getattr(ctx, "dashboard_url", None) or "127.0.0.1:8265"
         _say(f"Application ready in {time.perf_counter() - t0:.1f}s.")
         _say(f"  API:        {base}/v1  (OpenAI-compatible)")
+        for app in apps[:-1]:
+            _say(f"  One hop:    {base}{app['route_prefix']}/v1  (the model's replica answers itself)")
         _say(f"  Status:     {base}/gpu/status   Health: {base}/health")
         token = Path.home() / ".ray" / "auth_token"
         _say(f"  Dashboard:  http://{dashboard}  (token auth is on: the token is in {token})")

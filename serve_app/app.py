@@ -15,7 +15,9 @@ FAMILY_DEPLOYMENTS = {
 }
 
 
-__all__ = ["FAMILY_DEPLOYMENTS", "bind_model", "build_app", "deployment_name", "user_deployment"]
+__all__ = [
+    "FAMILY_DEPLOYMENTS", "applications", "bind_model", "build_app", "deployment_name", "routed_models", "user_deployment",
+]
 
 #: Only the ingress checks keys: model replicas never get them.
 KEY_FIELDS: dict[str, Any] = {"http": {"api_keys", "admin_keys"}}
@@ -62,8 +64,17 @@ def user_deployment(model: ModelConfig, config: AppConfig) -> Any:
     return obj if target is not obj else serve.deployment(target)
 
 
-def bind_model(model: ModelConfig, config: AppConfig) -> Any:
+def bind_model(model: ModelConfig, config: AppConfig, *, routed: bool = False) -> Any:
+    """The model's deployment, bound; `routed`: as the ingress of its own application
+    (`serve_app/routed.py`), which answers HTTP itself and so checks keys itself."""
     cls = user_deployment(model, config) if model.family == PYTHON_FAMILY else _deployment_class(model.family)
+    if routed:
+        from ray import serve
+
+        from serve_app.routed import routed_class
+
+        cls = serve.deployment(routed_class(cls.func_or_class))
+    exclude = None if routed else KEY_FIELDS
     return cls.options(
         name=deployment_name(model.id),
         ray_actor_options={"num_gpus": model.num_gpus, "num_cpus": model.num_cpus, "resources": dict(model.resources)},
@@ -73,7 +84,7 @@ def bind_model(model: ModelConfig, config: AppConfig) -> Any:
         graceful_shutdown_timeout_s=60,
         logging_config=serve_logging_config(),
         graceful_shutdown_wait_loop_s=1,
-    ).bind(model.model_dump(mode="json"), config.model_dump(mode="json", exclude=KEY_FIELDS))
+    ).bind(model.model_dump(mode="json"), config.model_dump(mode="json", exclude=exclude))
 
 
 def _target_ongoing(model: ModelConfig) -> float:
@@ -113,15 +124,52 @@ def with_env_keys(config: AppConfig, environ: dict[str, str] | None = None) -> A
     return config.model_copy(update={"http": http})
 
 
-def build_app(args: dict[str, Any]) -> Any:
-    """Validate the args (failing the deploy with the field and value named) and bind the graph."""
+def routed_models(config: AppConfig) -> list[ModelConfig]:
+    """The models that get an application of their own when the service is deployed as several."""
+    from serve_app.routed import ROUTED_FAMILIES
+
+    return [m for m in config.models if config.http.model_routes and m.family in ROUTED_FAMILIES]
+
+
+def applications(args: dict[str, Any], name: str = "gpu-serve", route_prefix: str = "/") -> list[dict[str, Any]]:
+    """Every Serve application of the service, as `serve.run` keyword arguments, in the order to
+    run them: each routed model's own (`http.model_routes`), then the ingress's, which finds them
+    by name. `serve run` of one `build_app` application serves every model through the ingress."""
+    from serve_app import routed
+
+    config = with_env_keys(parse_app_config(args))
+    own = routed_models(config)
+    apps = [
+        {"target": bind_model(m, config, routed=True), "name": routed.app_name(name, m.id),
+         "route_prefix": routed.route_prefix(route_prefix, m.id)}
+        for m in own
+    ]
+    apps.append({"target": build_app(args, routed_ids=[m.id for m in own], name=name), "name": name,
+                 "route_prefix": route_prefix})
+    return apps
+
+
+def build_app(args: dict[str, Any], routed_ids: list[str] | None = None, name: str = "gpu-serve") -> Any:
+    """Validate the args (failing the deploy with the field and value named) and bind the graph.
+
+    `routed_ids`: models deployed in applications of their own (:func:`applications`); the ingress
+    reaches them by name. Alone (`serve run`), every model is bound here and `http.model_routes`
+    is off inside the cluster, so nothing there looks for applications that were not deployed."""
+    from serve_app import routed
     from serve_app.ingress import Ingress
 
     config = with_env_keys(parse_app_config(args))
+    routed_ids = list(routed_ids or ())
+    if not routed_ids and config.http.model_routes:
+        config = config.model_copy(update={"http": config.http.model_copy(update={"model_routes": False})})
     for m in config.models:  # every bad deployment path fails before anything is bound
         if m.family == PYTHON_FAMILY:
             user_deployment(m, config)
-    handles = {m.id: bind_model(m, config) for m in config.models}
+    handles = {
+        m.id: {"app": routed.app_name(name, m.id), "deployment": deployment_name(m.id)} if m.id in routed_ids
+        else bind_model(m, config)
+        for m in config.models
+    }
     return Ingress.options(
         num_replicas=config.http.num_replicas,
         ray_actor_options={"num_cpus": config.http.num_cpus},

@@ -320,6 +320,13 @@ class HttpConfig(_Frozen):
         "cluster) instead of waiting for a replica. Turn off where the Ray autoscaler adds such nodes from zero.",
     )
     num_replicas: int = Field(1, ge=1, description="Ingress replicas.")
+    model_routes: bool = Field(
+        True,
+        description="Give each embeddings and speech model its own Serve application at /models/{id}/v1, "
+        "answered by the model's replica itself (one hop, no ingress between); its models also keep "
+        "/v1 through the ingress. Needs the applications deployed together: `python -m serve_app run`, "
+        "or the config `python -m serve_app config` prints for `serve run`/KubeRay.",
+    )
     mcp_allowed_hosts: tuple[str, ...] = Field(
         ("127.0.0.1:*", "localhost:*", "[::1]:*"),
         description="Host headers /mcp accepts (DNS-rebinding protection; 'name:*' is any port, '*' turns the "

@@ -79,6 +79,14 @@ def mount_mcp(app: FastAPI) -> Any:
     return server.session_manager.run
 
 
+def resolve_handle(handle: Any) -> Any:
+    """A bound model's handle as Serve passed it; a routed model's (`{"app", "deployment"}`, in an
+    application of its own, `serve_app/routed.py`) looked up by name."""
+    if isinstance(handle, dict):
+        return serve.get_deployment_handle(handle["deployment"], app_name=handle["app"])
+    return handle
+
+
 @serve.deployment
 @serve.ingress(build_fastapi)
 class Ingress:
@@ -90,7 +98,7 @@ class Ingress:
         configure_logging()
         config = AppConfig.model_validate(app)
         router = get_or_create_router(config)
-        handles = with_environment_transport(handles)
+        handles = with_environment_transport({model: resolve_handle(h) for model, h in handles.items()})
         self.context = Context(config=config, handles=handles, router=router, request_path=request_path(handles))
         set_context(self.context)
         self._placement = asyncio.get_running_loop().create_task(self._watch_placement())

@@ -213,7 +213,7 @@ def request_key(scope: Scope) -> str | None:
             if scheme.lower() == "bearer" and token.strip():
                 return token.strip()
             return text or None
-    if scope["type"] == "websocket" or scope.get("path") in QUERY_KEY_PATHS:
+    if scope["type"] == "websocket" or route_path(scope) in QUERY_KEY_PATHS:
         values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get(QUERY_KEY)
         if values:
             return values[0]
@@ -221,6 +221,16 @@ def request_key(scope: Scope) -> str | None:
 
 
 _cached: tuple[Any, KeySet] | None = None
+
+
+def route_path(scope: Scope) -> str:
+    """The path below the application's route prefix: a model's own application
+    (`/models/{id}`, `serve_app/routed.py`) sees `/v1/embeddings` as the ingress does."""
+    path = scope.get("path", "/")
+    root = scope.get("root_path", "")
+    if root and path.startswith(root):
+        return path[len(root):] or "/"
+    return path
 
 
 def context_keys() -> KeySet:
@@ -250,7 +260,7 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         method = scope.get("method", "GET") if scope["type"] == "http" else "GET"
-        path = scope.get("path", "/")
+        path = route_path(scope)
         client = scope.get("client")
         host = client[0] if client else None
         decision = decide(self.keys(), required_access(method, path), request_key(scope), host)

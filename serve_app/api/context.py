@@ -23,12 +23,20 @@ class Context:
     unschedulable: dict[str, str] = field(default_factory=dict)
     #: The proxy mode and the model handles' transport, as the ingress found them at start.
     request_path: dict[str, str] = field(default_factory=dict)
+    #: Set in a model's own application (`serve_app/routed.py`): the one model its routes serve.
+    only_model: str | None = None
 
     def model(self, model_id: str | None, family: str | None = None) -> ModelConfig:
         """The config of a served model; with `family` (a request to run it) also one Ray can place,
         so a request for a model no node can host answers 503 at once instead of hanging."""
         if not model_id:
             raise InvalidRequest("you must provide a model parameter", param="model", code="missing_model")
+        if self.only_model is not None and model_id != self.only_model:
+            raise InvalidRequest(
+                f"this route serves model {self.only_model!r}, not {model_id!r}; send model "
+                f"{self.only_model!r}, or use /v1 for any model",
+                param="model", code="model_not_supported",
+            )
         m = self.config.model(model_id)
         if m is None:
             raise ModelNotFound(model_id, [x.id for x in self.config.models])

@@ -17,7 +17,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from serve_app.api.auth import ASGIApp, Message, Receive, Scope, Send
+from serve_app.api.auth import ASGIApp, Message, Receive, Scope, Send, route_path
 from serve_app.errors import PayloadTooLarge, error_body
 
 #: Room for the multipart boundaries and the small fields next to an upload.
@@ -83,7 +83,7 @@ class BodyLimitMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > cap:
             await _answer(send, too_large(int(declared), limit))
             return
-        types = accepted_types(scope.get("path", ""))
+        types = accepted_types(route_path(scope))
         media = media_type(headers)
         has_body = declared is None or declared not in (b"0", b"")
         if types is not None and has_body and not _is_accepted(media, types):

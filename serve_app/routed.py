@@ -1,0 +1,109 @@
+"""A model's own Serve application: its OpenAI routes answered by the model replica itself.
+
+Through the ingress a request takes two hops, proxy -> ingress -> model replica, and the second
+is a Serve handle call over Ray: `bench/hop.py` put it at about 8.5 ms of p50 with nothing behind
+it, and it capped 8 clients near 130 requests/s on 2 cores, where one hop served 471/s. That hop
+was what kept this service at 1.2-1.5x a plain one-hop Serve deployment's p50 (`bench/overhead.py`).
+
+Here the model's deployment is also the ingress of an application of its own, routed at
+`/models/{id}`, so `POST /models/{id}/v1/embeddings` goes from the proxy (HAProxy straight to the
+replica's HTTP port) to the replica that runs the model. Nothing else moves: the route code is the
+ingress's own (the same request models, errors, key rules and body limits), and it calls the
+replica's methods in-process through :class:`LocalHandle`, so every request still takes the
+lifecycle's lease and reaches the router only as the lease reports it. Scaled to zero, HAProxy
+has no replica to send to and hands the request to Serve's proxy (its backup server), which
+starts one as for any request.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+#: Families whose routes a model replica can answer itself (request/response routes that take
+#: only the model's own handle).
+ROUTED_FAMILIES = {
+    "sentence-transformers": ("serve_app.api.embeddings",),
+    "faster-whisper": ("serve_app.api.audio",),
+}
+#: A model's application answers under this prefix, then the model id.
+ROUTE_ROOT = "/models"
+
+
+def route_prefix(app_prefix: str, model_id: str) -> str:
+    return f"{app_prefix.rstrip('/')}{ROUTE_ROOT}/{model_id}"
+
+
+def app_name(main_app: str, model_id: str) -> str:
+    """The Serve application of a routed model, named after the service's main application."""
+    from serve_app.cluster.names import deployment_name
+
+    return f"{main_app}-{deployment_name(model_id)}"
+
+
+class _LocalMethod:
+    def __init__(self, fn: Any) -> None:
+        self._fn = fn
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        return self._fn(*args, **kwargs)
+
+
+class LocalHandle:
+    """What a route needs of a Serve handle, for the replica that serves the route itself:
+    `handle.method.remote(...)` calls the method in-process (a coroutine to await, or an async
+    generator to iterate), `handle.options(...)` is the same handle."""
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+
+    def options(self, **_: Any) -> LocalHandle:
+        return self
+
+    def __getattr__(self, name: str) -> _LocalMethod:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _LocalMethod(getattr(self._target, name))
+
+
+def build_fastapi(family: str) -> Any:
+    """The model application's HTTP app: the family's routes behind the ingress's middleware."""
+    import importlib
+
+    from fastapi import FastAPI
+
+    from serve_app.api.auth import AuthMiddleware, context_keys
+    from serve_app.api.errors import install_error_handlers
+    from serve_app.api.limits import BodyLimitMiddleware
+    from serve_app.ingress import upload_limit
+
+    app = FastAPI(title="gpu-serve model", docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, limit=upload_limit)
+    app.add_middleware(AuthMiddleware, keys=context_keys)
+    for name in ROUTED_FAMILIES[family]:
+        app.include_router(importlib.import_module(name).router)
+    return app
+
+
+@functools.cache
+def routed_class(base: type) -> type:
+    """`base` (a family's replica class) as the ingress of its own application."""
+    from ray import serve
+
+    class Routed(base):  # type: ignore[misc, valid-type]
+        def __init__(self, model: dict[str, Any], app: dict[str, Any]) -> None:
+            super().__init__(model, app)
+            from serve_app.api.context import Context, set_context
+            from serve_app.cluster.router import get_or_create_router
+
+            set_context(Context(
+                config=self.app_config, handles={self.config.id: LocalHandle(self)},
+                router=get_or_create_router(self.app_config), only_model=self.config.id,
+            ))
+
+        def __serve_build_asgi_app__(self) -> Any:
+            return build_fastapi(self.config.family)
+
+    Routed.__name__ = Routed.__qualname__ = f"Routed{base.__name__}"
+    return serve.ingress()(Routed)
