@@ -144,8 +144,9 @@ class ModelConfig(_Frozen):
     )
     cpu_threads: int | None = Field(
         None, ge=1,
-        description="Threads for inference on the CPU; default every core this replica may run on. Ray would "
-        "otherwise give a replica with num_cpus below 2 one thread (OMP_NUM_THREADS=1).",
+        description="Threads for inference on the CPU; default every core this replica may run on (embeddings: "
+        "one less, at least one, left to the request path). Ray would otherwise give a replica with num_cpus "
+        "below 2 one thread (OMP_NUM_THREADS=1).",
     )
     max_batch_size: int = Field(32, ge=1, description="Dynamic batching: most inputs in one forward pass.")
     # 0: a batch takes what is queued when the previous forward pass ends (continuous batching),

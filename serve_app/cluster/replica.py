@@ -26,6 +26,9 @@ T = TypeVar("T")
 class ModelReplica:
     """Base class for the model deployments. Lazy: no weights are read in `__init__`."""
 
+    #: Cores a family leaves to the request path when `cpu_threads` is not set (see `cpu_threads`).
+    RESERVED_CORES = 0
+
     def __init__(self, model: dict[str, Any], app: dict[str, Any]) -> None:
         from serve_app.logs import configure_logging
 
@@ -34,7 +37,7 @@ class ModelReplica:
         self.config = ModelConfig.model_validate(model)
         self.app_config = AppConfig.model_validate(app)
         self.device = pick_device(self.config.device)
-        self.cpu_threads = cpu_threads(self.config.cpu_threads)
+        self.cpu_threads = cpu_threads(self.config.cpu_threads, reserve=self.RESERVED_CORES)
         self.adapter = self.make_adapter()
         if self.config.fault_oom_at_bytes is not None:
             arm_simulated_oom(self.adapter, self.config.fault_oom_at_bytes)
@@ -125,8 +128,9 @@ def passive_openmp() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def cpu_threads(configured: int | None) -> int:
-    """Threads for CPU inference: the configured count, else every core this process may use.
+def cpu_threads(configured: int | None, reserve: int = 0) -> int:
+    """Threads for CPU inference: the configured count, else every core this process may use
+    less `reserve` (at least one).
 
     Ray sets OMP_NUM_THREADS from a replica's `num_cpus` (1 below 2), and torch and CTranslate2
     both follow it: with the default 0.25 CPU, speech ran on one thread of two while
@@ -135,6 +139,7 @@ def cpu_threads(configured: int | None) -> int:
     if configured is not None:
         return configured
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    return max(1, cores - reserve)

@@ -42,8 +42,12 @@ def test_token_counts_are_the_tokenizers(embedder: Embedder) -> None:
     assert tokens[3] == 2  # an empty text is [CLS] [SEP]
 
 
-def test_cpu_threads_default_to_every_usable_core() -> None:
+def test_cpu_threads_default_to_every_usable_core_less_the_reserve() -> None:
     import os
 
     assert cpu_threads(3) == 3
-    assert cpu_threads(None) == len(os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_threads(None) == cores
+    assert cpu_threads(None, reserve=1) == max(1, cores - 1)
+    assert cpu_threads(None, reserve=cores + 4) == 1  # never none
+    assert cpu_threads(3, reserve=1) == 3  # a configured count is taken as it is
