@@ -16,7 +16,8 @@ FAMILY_DEPLOYMENTS = {
 
 
 __all__ = [
-    "FAMILY_DEPLOYMENTS", "applications", "bind_model", "build_app", "deployment_name", "routed_models", "user_deployment",
+    "FAMILY_DEPLOYMENTS", "applications", "bind_model", "build_app", "build_model_app", "build_split_app",
+    "deployment_name", "routed_models", "split_serve_config", "user_deployment",
 ]
 
 #: Only the ingress checks keys: model replicas never get them.
@@ -131,6 +132,10 @@ def routed_models(config: AppConfig) -> list[ModelConfig]:
     return [m for m in config.models if config.http.model_routes and m.family in ROUTED_FAMILIES]
 
 
+#: In a split Serve config (:func:`split_serve_config`), a model application's args name its model here.
+SERVE_MODEL_KEY = "serve_model"
+
+
 def applications(args: dict[str, Any], name: str = "gpu-serve", route_prefix: str = "/") -> list[dict[str, Any]]:
     """Every Serve application of the service, as `serve.run` keyword arguments, in the order to
     run them: each routed model's own (`http.model_routes`), then the ingress's, which finds them
@@ -144,32 +149,78 @@ def applications(args: dict[str, Any], name: str = "gpu-serve", route_prefix: st
          "route_prefix": routed.route_prefix(route_prefix, m.id)}
         for m in own
     ]
-    apps.append({"target": build_app(args, routed_ids=[m.id for m in own], name=name), "name": name,
-                 "route_prefix": route_prefix})
-    return apps
+    target = build_split_app(args) if own else build_app(args)
+    return [*apps, {"target": target, "name": name, "route_prefix": route_prefix}]
 
 
-def build_app(args: dict[str, Any], routed_ids: list[str] | None = None, name: str = "gpu-serve") -> Any:
+def split_serve_config(doc: dict[str, Any]) -> dict[str, Any]:
+    """A Serve config of one gpu-serve application as the several :func:`applications` deploys,
+    for `serve run`, `serve deploy` and KubeRay: the ingress's first (`build_split_app`), then one
+    per routed model (`build_model_app`, its args the service's plus `serve_model`)."""
+    import copy
+
+    from serve_app import routed
+
+    out = copy.deepcopy(doc)
+    main = out["applications"][0]
+    if main.get("import_path") != "serve_app.app:build_app" or len(out["applications"]) != 1:
+        raise ValueError("expected one application with import_path serve_app.app:build_app")
+    config = parse_app_config(main.get("args") or {})
+    own = routed_models(config)
+    if not own:
+        return out
+    name, prefix = main.setdefault("name", "gpu-serve"), main.setdefault("route_prefix", "/")
+    main["import_path"] = "serve_app.app:build_split_app"
+    for m in own:
+        app: dict[str, Any] = {
+            "name": routed.app_name(name, m.id), "route_prefix": routed.route_prefix(prefix, m.id),
+            "import_path": "serve_app.app:build_model_app",
+            "args": {**copy.deepcopy(main.get("args") or {}), SERVE_MODEL_KEY: m.id},
+        }
+        # The rest (runtime_env, ...) as the service's; `deployments` overrides name its own.
+        app.update({k: copy.deepcopy(v) for k, v in main.items() if k not in (*app, "deployments")})
+        out["applications"].append(app)
+    return out
+
+
+def build_model_app(args: dict[str, Any]) -> Any:
+    """One routed model's application (`import_path` of a split Serve config)."""
+    args = dict(args)
+    model_id = args.pop(SERVE_MODEL_KEY, None)
+    config = with_env_keys(parse_app_config(args))
+    model = config.model(model_id) if isinstance(model_id, str) else None
+    if model is None or model not in routed_models(config):
+        served = ", ".join(m.id for m in routed_models(config)) or "(none: http.model_routes is off)"
+        raise ConfigError(f"invalid gpu-serve config:\n  {SERVE_MODEL_KEY}: names no embeddings or speech model "
+                          f"with a route (got {model_id!r}; these have one: {served})")
+    return bind_model(model, config, routed=True)
+
+
+def build_split_app(args: dict[str, Any]) -> Any:
+    """The ingress's application when the routed models are deployed in applications of their
+    own (:func:`applications`, :func:`split_serve_config`): it reaches them by name."""
+    return _ingress(args, split=True)
+
+
+def build_app(args: dict[str, Any]) -> Any:
     """Validate the args (failing the deploy with the field and value named) and bind the graph.
 
-    `routed_ids`: models deployed in applications of their own (:func:`applications`); the ingress
-    reaches them by name. Alone (`serve run`), every model is bound here and `http.model_routes`
-    is off inside the cluster, so nothing there looks for applications that were not deployed."""
-    from serve_app import routed
+    Every model is bound here, and `http.model_routes` is off inside the cluster, so nothing
+    there looks for applications that were not deployed (`serve run` of this one application)."""
+    return _ingress(args, split=False)
+
+
+def _ingress(args: dict[str, Any], split: bool) -> Any:
     from serve_app.ingress import Ingress
 
     config = with_env_keys(parse_app_config(args))
-    routed_ids = list(routed_ids or ())
+    routed_ids = {m.id for m in routed_models(config)} if split else set()
     if not routed_ids and config.http.model_routes:
         config = config.model_copy(update={"http": config.http.model_copy(update={"model_routes": False})})
     for m in config.models:  # every bad deployment path fails before anything is bound
         if m.family == PYTHON_FAMILY:
             user_deployment(m, config)
-    handles = {
-        m.id: {"app": routed.app_name(name, m.id), "deployment": deployment_name(m.id)} if m.id in routed_ids
-        else bind_model(m, config)
-        for m in config.models
-    }
+    handles = {m.id: {"routed": m.id} if m.id in routed_ids else bind_model(m, config) for m in config.models}
     return Ingress.options(
         num_replicas=config.http.num_replicas,
         ray_actor_options={"num_cpus": config.http.num_cpus},

@@ -80,10 +80,17 @@ def mount_mcp(app: FastAPI) -> Any:
 
 
 def resolve_handle(handle: Any) -> Any:
-    """A bound model's handle as Serve passed it; a routed model's (`{"app", "deployment"}`, in an
-    application of its own, `serve_app/routed.py`) looked up by name."""
+    """A bound model's handle as Serve passed it; a routed model's (`{"routed": id}`, in an
+    application of its own named after this one, `serve_app/routed.py`) looked up by name.
+    Not checked with the controller now: deployed from one Serve config, the applications come
+    up together, and a call waits for the model's like any other."""
     if isinstance(handle, dict):
-        return serve.get_deployment_handle(handle["deployment"], app_name=handle["app"])
+        from serve_app import routed
+        from serve_app.cluster.names import deployment_name
+
+        model_id = handle["routed"]
+        app = routed.app_name(serve.get_replica_context().app_name, model_id)
+        return serve.get_deployment_handle(deployment_name(model_id), app_name=app, _check_exists=False)
     return handle
 
 

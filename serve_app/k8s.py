@@ -1,10 +1,11 @@
 """The KubeRay manifests' generated part, and the GPU worker's memory plan.
 
 `make k8s` (`python -m serve_app.k8s`) writes the RayService's `serveConfigV2` block in
-`k8s/base/rayservice.yaml` from `serve_config.yaml`, so the models are listed once. Only what a
-cluster needs changes: proxies listen on 0.0.0.0 (pods are reached by their IP) on every node
-that runs a replica, not only on the head (each GPU worker serves its own traffic), and the
-models' cache (`HF_HOME`) moves onto the models volume. The rest of the manifest is written by hand;
+`k8s/base/rayservice.yaml` from `serve_config.yaml`, so the models are listed once (there, and
+split into the applications `python -m serve_app run` deploys). Only what a cluster needs
+changes: proxies listen on 0.0.0.0 (pods are reached by their IP) on every node that runs a
+replica, not only on the head (each GPU worker serves its own traffic), and the models' cache
+(`HF_HOME`) moves onto the models volume. The rest of the manifest is written by hand;
 `--check` fails when the committed block and a fresh one differ.
 
 The worker's memory limit and the CPU tier's budget are tied by `hostmem.host_budget_bytes`:
@@ -66,7 +67,11 @@ def cluster_serve_config(local: dict[str, Any]) -> dict[str, Any]:
 
 
 def render_serve_config_v2(local: dict[str, Any]) -> str:
-    return yaml.safe_dump(cluster_serve_config(local), sort_keys=False, width=100)
+    """The cluster's config, split as `python -m serve_app run` deploys it: each embeddings and
+    speech model in an application of its own at /models/{id} (`serve_app.app.split_serve_config`)."""
+    from serve_app.app import split_serve_config
+
+    return yaml.safe_dump(split_serve_config(cluster_serve_config(local)), sort_keys=False, width=100)
 
 
 _BLOCK = re.compile(r"^(?P<indent> *)serveConfigV2: \|\n", re.MULTILINE)

@@ -151,22 +151,31 @@ def deploy(serve_port: int) -> Callable[..., str]:
 
     `declarative=True` deploys it from a Serve config (`apply_serve_config`), so that a test can
     later change its scale in place; the default is `serve.run`, whose every call restarts all
-    replicas (it gives each deploy a new random code version)."""
+    replicas (it gives each deploy a new random code version). `routed=True` deploys it as
+    `python -m serve_app run` does: each embeddings and speech model in an application of its
+    own at /models/{id} (`serve_app.app.applications`); otherwise every model is in the one."""
     from ray import serve
 
-    from serve_app.app import build_app
+    from serve_app.app import applications, build_app
     from serve_app.config import AppConfig
 
     current: dict[str, Any] = {}
 
-    def _deploy(args: dict[str, Any], declarative: bool = False) -> str:
-        if current.get("args") == args and current.get("declarative") == declarative:
+    def _deploy(args: dict[str, Any], declarative: bool = False, routed: bool = False) -> str:
+        if current.get("args") == args and current.get("mode") == (declarative, routed):
             return current["url"]
-        serve.delete(APP_NAME)
+        for name in (APP_NAME, *current.get("extra_apps", ())):
+            serve.delete(name)
         if current.get("args"):
             _kill_named_actors(AppConfig.model_validate(current["args"]).namespace)
+        extra: list[str] = []
         if declarative:
             apply_serve_config(args)
+        elif routed:
+            for app in applications(args, name=APP_NAME):
+                serve.run(**app, blocking=False)
+                extra.append(app["name"])
+            extra.remove(APP_NAME)
         else:
             serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{serve_port}"
@@ -180,7 +189,7 @@ def deploy(serve_port: int) -> Callable[..., str]:
             time.sleep(0.3)
         else:
             raise TimeoutError("the application did not answer /health within 120 s")
-        current.update(args=args, url=url, declarative=declarative)
+        current.update(args=args, url=url, mode=(declarative, routed), extra_apps=extra)
         return url
 
     return _deploy

@@ -39,7 +39,7 @@ def url(deploy: Callable[[dict[str, Any]], str], tmp_path_factory: pytest.TempPa
             {"id": LM, "family": "transformers-causal-lm", "source": str(lm), "max_new_tokens": 8, **common},
         ],
         "router": {"simulated_gpu_bytes": 256 * MiB, "margin_bytes": 8 * MiB, "margin_fraction": 0.0},
-    })
+    }, routed=True)  # as `make run` deploys it: the embeddings and speech models in applications of their own
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +125,27 @@ def test_three_families_share_a_gpu_by_eviction(url: str, client: openai.OpenAI,
     else:
         use(second)
     settle(url, {second: "gpu"})
+
+
+def test_the_models_own_routes_share_the_gpu_the_same_way(url: str, speech: Path) -> None:
+    """The one-hop routes (`/models/{id}/v1`) take the same leases and admissions as `/v1`: a
+    request there restores an offloaded model, and a load there makes room by eviction."""
+    own = {m: openai.OpenAI(base_url=f"{url}/models/{m}/v1", api_key="unused", max_retries=0, timeout=120)
+           for m in (EMB, ASR)}
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    client.chat.completions.create(model=LM, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    placed = settle(url, {LM: "gpu"})
+    for model in (EMB, ASR):
+        if model == EMB:
+            assert len(own[EMB].embeddings.create(model=EMB, input="one hop").data[0].embedding) == 384
+        else:
+            with speech.open("rb") as f:
+                assert own[ASR].audio.transcriptions.create(model=ASR, file=f).text
+        now = states(url)
+        assert now[model]["state"] == "gpu", now[model]
+        gpu = next(g for g in httpx.get(f"{url}/gpu/status", timeout=30).json()["gpus"]
+                   if g["uuid"] == placed[LM]["gpu"])
+        assert gpu["used_bytes"] + gpu["margin_bytes"] <= gpu["total_bytes"]
+    # All three do not fit: serving both routed models moved something off the GPU for them.
+    final = states(url)
+    assert sorted(final[m]["state"] for m in (EMB, ASR, LM)).count("gpu") == 2, final

@@ -84,16 +84,20 @@ def _diff(a: Any, b: Any, path: str = "") -> set[str]:
 
 
 def test_serve_config_v2_differs_from_serve_config_only_where_a_cluster_needs(rendered: list) -> None:
-    local = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    from serve_app.app import split_serve_config
+
+    # Split into the applications `python -m serve_app run` deploys (the split is tested in
+    # tests/unit/test_routed.py); past that, the same as the local file.
+    local = split_serve_config(yaml.safe_load((REPO / "serve_config.yaml").read_text()))
     cluster = _serve_config(rendered)
     expected = {".proxy_location", ".http_options.host"} | {
         f".applications[{i}].runtime_env" for i in range(len(local["applications"]))
     }
     diff = _diff(local, cluster)
     # /mcp's Host check learns the Serve service's names (the path depends on what the local file sets).
-    mcp = {d for d in diff if d.startswith(".applications[0].args.http")}
-    assert len(mcp) == 1 and all(h in cluster["applications"][0]["args"]["http"]["mcp_allowed_hosts"]
-                                 for h in k8s.SERVE_SERVICE_HOSTS)
+    mcp = {d for d in diff if re.fullmatch(r"\.applications\[\d+\]\.args\.http", d)}
+    hosts = [app["args"]["http"]["mcp_allowed_hosts"] for app in cluster["applications"]]
+    assert len(mcp) == len(hosts) and all(h in each for each in hosts for h in k8s.SERVE_SERVICE_HOSTS)
     assert diff - mcp == expected
     assert cluster["proxy_location"] == "EveryNode" and cluster["http_options"]["host"] == "0.0.0.0"
     for app in cluster["applications"]:
@@ -192,9 +196,14 @@ def test_serve_config_v2_is_a_valid_serve_deploy_config_and_app(rendered: list) 
     config = _serve_config(rendered)
     schema = ServeDeploySchema.model_validate(config)
     assert schema.proxy_location.value == "EveryNode"
-    (app,) = config["applications"]
-    assert app["import_path"] == "serve_app.app:build_app"
+    app, *own = config["applications"]
+    assert app["import_path"] == "serve_app.app:build_split_app"
     assert {m.id for m in parse_app_config(app["args"]).models} == {"all-MiniLM-L6-v2", "whisper-tiny.en"}
+    # Each model's own application, one hop from the proxy (`serve_app/routed.py`).
+    assert [(a["route_prefix"], a["import_path"], a["args"]["serve_model"]) for a in own] == [
+        ("/models/all-MiniLM-L6-v2", "serve_app.app:build_model_app", "all-MiniLM-L6-v2"),
+        ("/models/whisper-tiny.en", "serve_app.app:build_model_app", "whisper-tiny.en"),
+    ]
 
 
 @pytest.mark.parametrize("directory", [K8S / "base", OVERLAY], ids=["base", "production"])
