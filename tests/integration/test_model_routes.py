@@ -105,6 +105,9 @@ def test_the_route_and_the_ingress_give_the_same_answer(url: str) -> None:
 def test_the_route_checks_keys_and_input_like_the_ingress(url: str) -> None:
     base = route(url, EMB)
     r = httpx.post(f"{base}/embeddings", json={"model": EMB, "input": "x"}, timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key", r.text
+    r = httpx.post(f"{base}/embeddings", json={"model": EMB, "input": "x"}, timeout=30,
+                   headers={"Authorization": "Bearer sk-guess"})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
     r = httpx.post(f"{base}/embeddings", json={"model": EMB, "input": ""}, headers=AUTH, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "input", r.text
