@@ -13,9 +13,9 @@ from ray import serve
 
 from serve_app.api import admin, custom, embeddings, events, models, status_page
 from serve_app.api.auth import AuthMiddleware, context_keys
-from serve_app.api.context import Context, get_context, set_context
+from serve_app.api.context import Context, set_context
 from serve_app.api.errors import install_error_handlers
-from serve_app.api.limits import BodyLimitMiddleware
+from serve_app.api.limits import BodyLimitMiddleware, upload_limit
 from serve_app.config import AppConfig, HttpConfig
 
 logger = logging.getLogger("serve_app.ingress")
@@ -25,10 +25,6 @@ PLACEMENT_CHECK_S = 2.0
 OPTIONAL_ROUTERS = ("serve_app.api.audio", "serve_app.api.chat")
 #: Realtime transcription: the OpenAI and WhisperLiveKit WebSockets, and the live page.
 REALTIME_ROUTERS = ("serve_app.api.realtime", "serve_app.api.asr", "serve_app.api.live")
-
-
-def upload_limit() -> int:
-    return get_context().config.http.max_upload_bytes
 
 
 def build_fastapi() -> FastAPI:

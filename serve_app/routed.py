@@ -74,8 +74,7 @@ def build_fastapi(family: str) -> Any:
 
     from serve_app.api.auth import AuthMiddleware, context_keys
     from serve_app.api.errors import install_error_handlers
-    from serve_app.api.limits import BodyLimitMiddleware
-    from serve_app.ingress import upload_limit
+    from serve_app.api.limits import BodyLimitMiddleware, upload_limit
 
     app = FastAPI(title="gpu-serve model", docs_url=None, redoc_url=None)
     install_error_handlers(app)

@@ -33,6 +33,13 @@ CONTENT_TYPES: tuple[tuple[str, frozenset[str]], ...] = (
 )
 
 
+def upload_limit() -> int:
+    """The context's `http.max_upload_bytes`, read per request (the context is set after the app is built)."""
+    from serve_app.api.context import get_context
+
+    return get_context().config.http.max_upload_bytes
+
+
 def accepted_types(path: str) -> frozenset[str] | None:
     for prefix, types in CONTENT_TYPES:
         if path.startswith(prefix):
