@@ -101,8 +101,11 @@ class Ingress:
         configure_logging()
         config = AppConfig.model_validate(app)
         router = get_or_create_router(config)
+        # The models with a route of their own, `{this application's prefix}/models/{id}/v1`.
+        routes = sorted(model for model, h in handles.items() if isinstance(h, dict))
         handles = with_environment_transport({model: resolve_handle(h) for model, h in handles.items()})
-        self.context = Context(config=config, handles=handles, router=router, request_path=request_path(handles))
+        path = {**request_path(handles), "model_routes": routes}
+        self.context = Context(config=config, handles=handles, router=router, request_path=path)
         set_context(self.context)
         self._placement = asyncio.get_running_loop().create_task(self._watch_placement())
 

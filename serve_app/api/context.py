@@ -22,7 +22,7 @@ class Context:
     #: {model id: why no live node can host a replica}; refreshed by the ingress every few seconds.
     unschedulable: dict[str, str] = field(default_factory=dict)
     #: The proxy mode and the model handles' transport, as the ingress found them at start.
-    request_path: dict[str, str] = field(default_factory=dict)
+    request_path: dict[str, Any] = field(default_factory=dict)
     #: Set in a model's own application (`serve_app/routed.py`): the one model its routes serve.
     only_model: str | None = None
 

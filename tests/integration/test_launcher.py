@@ -89,7 +89,15 @@ def test_the_ingress_reaches_models_over_the_chosen_transport(launched: dict[str
     the launcher imported it before setting the variable, and its handles went as Ray actor
     calls (`/gpu/status` said `ray-actor`)."""
     doc = httpx.get(f"{launched['url']}/gpu/status", timeout=30).json()
-    assert doc["request_path"] == {"proxy": PROXY, "handles": "grpc"}
+    assert doc["request_path"] == {"proxy": PROXY, "handles": "grpc", "model_routes": ["all-MiniLM-L6-v2"]}
+
+
+def test_the_launcher_gives_the_embeddings_model_its_own_route(launched: dict[str, Any]) -> None:
+    """One hop from the proxy to the model's replica (`serve_app/routed.py`), announced at start."""
+    base = f"{launched['url']}/models/all-MiniLM-L6-v2/v1"
+    assert f"One hop:    {base}" in (launched["work"] / "launcher.log").read_text()
+    out = OpenAI(base_url=base, api_key="unused", timeout=120).embeddings.create(model="all-MiniLM-L6-v2", input="x")
+    assert len(out.data[0].embedding) == 384
 
 
 def test_ctrl_c_stops_the_service_and_its_cluster(launched: dict[str, Any]) -> None:
