@@ -66,6 +66,30 @@ class LocalHandle:
         return _LocalMethod(getattr(self._target, name))
 
 
+#: On every answer of a model's own application: which path served it (`/v1` requests for the model
+#: reach it too, by HAProxy's body routes, `cluster/body_routes.py`).
+SERVED_BY = (b"x-gpu-serve-served-by", b"model-route")
+
+
+class ServedBy:
+    """Adds `SERVED_BY` to each HTTP response."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_header(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), SERVED_BY]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
+
+
 def build_fastapi(family: str) -> Any:
     """The model application's HTTP app: the family's routes behind the ingress's middleware."""
     import importlib
@@ -80,6 +104,7 @@ def build_fastapi(family: str) -> Any:
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=upload_limit)
     app.add_middleware(AuthMiddleware, keys=context_keys)
+    app.add_middleware(ServedBy)
     for name in ROUTED_FAMILIES[family]:
         app.include_router(importlib.import_module(name).router)
     return app

@@ -13,7 +13,8 @@ elsewhere (KubeRay, `ray start`) the variables go into that cluster's environmen
 (`k8s/base/rayservice.yaml` sets them). HAProxy's files and its two side ports are per cluster
 here, so two clusters on one machine (tests beside `make run`) do not collide.
 
-HAProxy runs through `gpu-serve-haproxy`, which adds `-dS` (no kernel splicing): Ray's template
+HAProxy runs through `gpu-serve-haproxy`, which adds the `/v1` body routes to Ray's config
+(`body_routes.py`) and `-dS` (no kernel splicing): Ray's template
 sets `option splice-request`, and with it HAProxy 2.8 (the bundled binary) missed about one
 client abort in three on a request with a body, so a client that gave up on a non-streamed chat
 completion left its generation running to the end (5-18 s) with the lease held. Without
@@ -86,8 +87,31 @@ def launcher_path() -> str | None:
 
 
 def launch_argv(binary: str, args: list[str]) -> list[str]:
-    """HAProxy's command line with splicing off; Ray's own arguments follow unchanged."""
+    """HAProxy's command line with splicing off, and Ray's config with the body routes
+    (`body_routes.py`) when it has any; Ray's other arguments follow unchanged."""
+    args = list(args)
+    if "-f" in args[:-1]:
+        i = args.index("-f") + 1
+        args[i] = with_body_routes(args[i])
     return [binary, NO_SPLICE, *args]
+
+
+def with_body_routes(path: str) -> str:
+    """The config to run: Ray's at `path`, or beside it the same with the body routes added.
+    A config that cannot be read or rewritten is run as Ray wrote it (one line on stderr)."""
+    from serve_app.cluster.body_routes import add_body_routes
+
+    try:
+        text = Path(path).read_text()
+        routed = add_body_routes(text)
+        if routed == text:
+            return path
+        out = Path(f"{path}.routes")
+        out.write_text(routed)
+        return str(out)
+    except (OSError, UnicodeDecodeError) as exc:
+        sys.stderr.write(f"{LAUNCHER}: /v1 body routes not added ({exc}); /v1 goes through the ingress\n")
+        return path
 
 
 def launcher_main() -> None:

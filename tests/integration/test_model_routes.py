@@ -102,6 +102,24 @@ def test_the_route_and_the_ingress_give_the_same_answer(url: str) -> None:
     assert one.json() == two.json()
 
 
+def test_v1_requests_for_the_model_reach_its_replica_in_one_hop(url: str) -> None:
+    """Through HAProxy, `POST /v1/embeddings` naming the model goes to its application while a
+    replica is up (`serve_app/cluster/body_routes.py`); the answer is the same either way."""
+    from tests.integration.conftest import PROXY
+
+    client(route(url, EMB)).embeddings.create(model=EMB, input="warm")  # a replica is up
+    body = {"model": EMB, "input": ["one hop", "from /v1"]}
+    r = httpx.post(f"{url}/v1/embeddings", json=body, headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
+    direct = httpx.post(f"{route(url, EMB)}/embeddings", json=body, headers=AUTH, timeout=60)
+    assert direct.headers.get("x-gpu-serve-served-by") == "model-route"
+    assert r.json() == direct.json()
+    if PROXY == "haproxy":
+        assert r.headers.get("x-gpu-serve-served-by") == "model-route", dict(r.headers)
+    else:  # Serve's proxy routes by path alone: the ingress serves /v1
+        assert "x-gpu-serve-served-by" not in r.headers
+
+
 def test_the_route_checks_keys_and_input_like_the_ingress(url: str) -> None:
     base = route(url, EMB)
     r = httpx.post(f"{base}/embeddings", json={"model": EMB, "input": "x"}, timeout=30)
