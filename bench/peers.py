@@ -6,9 +6,9 @@ environment under `.bench/venvs/` (ignored), pinned to the same torch. Rounds ar
 (this service, then the peer, then again), since absolute figures on a shared machine drift
 from run to run: only ratios from one run mean anything.
 
-This service is measured on each model's own route (`/models/{id}/v1`, one hop from the proxy
-to the model's replica), as a client wanting the lowest latency would use it, and its embeddings
-through `/v1` (proxy, ingress, replica) beside it.
+This service's embeddings are measured on `/v1`, which HAProxy sends straight to the model's
+replica (one hop), and its speech on the model's own route, `/models/{id}/v1` (multipart uploads
+on `/v1` take the ingress first).
 
 Workloads:
   * embeddings: 1 client (p50, p99); 8 concurrent one-sentence clients (sentences/s);
@@ -329,14 +329,14 @@ def main() -> None:
     figs = Figures()
     with servers(tmp, minilm, whisper) as srv:
         ours = srv["gpu-serve"].url
-        # Clients of this service use each model's own route (one hop, `serve_app/routed.py`);
-        # `/v1` through the ingress is measured beside it as `gpu-serve-v1`.
-        minilm_route, whisper_route = f"{ours}/models/all-MiniLM-L6-v2", f"{ours}/models/whisper-tiny.en"
+        # Embeddings on `/v1`, which HAProxy sends to the model's own application (one hop,
+        # `serve_app/cluster/body_routes.py`); speech on the model's own route (multipart
+        # uploads on `/v1` take the ingress, `serve_app/routed.py`).
+        whisper_route = f"{ours}/models/whisper-tiny.en"
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}", flush=True)
-            asyncio.run(embeddings_round("gpu-serve", minilm_route, "all-MiniLM-L6-v2", figs, args.quick, ours))
+            asyncio.run(embeddings_round("gpu-serve", ours, "all-MiniLM-L6-v2", figs, args.quick, ours))
             asyncio.run(embeddings_round("infinity", srv["infinity"].url, "all-MiniLM-L6-v2", figs, args.quick))
-            asyncio.run(embeddings_round("gpu-serve-v1", ours, "all-MiniLM-L6-v2", figs, args.quick))
             asyncio.run(speech_round("gpu-serve", whisper_route, "whisper-tiny.en", clip, figs, args.quick))
             asyncio.run(speech_round("faster-whisper-server", srv["faster-whisper-server"].url,
                                      "whisper-1", clip, figs, args.quick))
@@ -345,10 +345,6 @@ def main() -> None:
     print(f"\n{'workload':<18}{'gpu-serve':>12}  {'peer':<24}{'peer value':>12}{'ratio':>9}  better")
     for key, o, peer, t, ratio, better in rows:
         print(f"{key:<18}{o:>12.2f}  {peer:<24}{t:>12.2f}{ratio:>8.2f}x  {better}")
-    for key in ("emb1.p50_ms", "emb8.sent_s", "emb32.sent_s"):
-        if f"gpu-serve-v1.{key}" in figs.values:
-            v1, peer = figs.median(f"gpu-serve-v1.{key}"), figs.median(f"infinity.{key}")
-            print(f"{key:<18}{v1:>12.2f}  through /v1 (two hops): {v1 / peer:.2f}x infinity")
     if batch is not None:
         print(f"mean embeddings batch on this service at 8 clients: {batch:.1f} texts per forward pass (target >= 4)")
     RESULTS.mkdir(parents=True, exist_ok=True)
