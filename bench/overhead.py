@@ -5,10 +5,13 @@ The plain deployment is what a Serve user would write by hand: all-MiniLM-L6-v2 
 `__init__` and never moved, its own FastAPI ingress on the model replica (one hop), and the
 same batching as this service's embeddings family (`ContinuousBatcher`, same batch size and
 wait; Serve's `@serve.batch` made batches of one at 8 clients), so the ratio is the price of the
-lifecycle, the router link and the second hop, not of a batching strategy. Both apps run on one
-local cluster behind the same proxy (HAProxy, as `make run`; `--proxy serve` for Serve's own;
-the plain one under `/plain`), and rounds are interleaved, so both see the same machine. Reported: p50 at 1 client and
-sentences/s at 8 clients, each as a ratio of this service to the plain deployment.
+lifecycle, the lease and the router link, not of a batching strategy. This service is measured on
+`/v1` (with HAProxy, sent to the model's own application: one hop, `serve_app/cluster/body_routes.py`;
+with Serve's proxy, through the ingress: two) and on the model's own route (`/models/{id}/v1`).
+The apps run on one local cluster behind the same proxy (HAProxy, as `make run`; `--proxy serve`
+for Serve's own; the plain one under `/plain`), and rounds are interleaved, so all see the same
+machine. Reported: p50 at 1 client and sentences/s at 8 clients, each as a ratio of this service
+to the plain deployment.
 
     python bench/overhead.py [--rounds 3] [--seconds 10]
 """
@@ -125,7 +128,7 @@ def main() -> None:
         _cluster.stop()
     med = {k: statistics.median(v) for k, v in figs.items()}
     print(f"\nplain: 1 client p50 {med['plain.p50_ms']:.1f} ms, 8 clients {med['plain.sent_s']:.1f}/s")
-    for name, what in (("routed", "the model's own route, one hop"), ("managed", "/v1 through the ingress")):
+    for name, what in (("routed", "the model's own route"), ("managed", "/v1")):
         print(f"{name} ({what}): p50 {med[f'{name}.p50_ms']:.1f} ms, "
               f"ratio {med[f'{name}.p50_ms'] / med['plain.p50_ms']:.2f}x (target <= 1.05x); "
               f"8 clients {med[f'{name}.sent_s']:.1f}/s, "
