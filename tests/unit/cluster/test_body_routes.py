@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from serve_app.cluster import proxy
-from serve_app.cluster.body_routes import MARK, add_body_routes, routed_backends
+from serve_app.cluster.body_routes import MARK, add_body_routes, replicas, routed_backends
 
 MODEL = "all-MiniLM-L6-v2"
 DOTTED = "whisper-tiny.en"
@@ -36,14 +36,16 @@ def render(tmp: Path, servers: dict[str, int], prefix: str = "/") -> str:
     from ray.serve.config import HTTPOptions
 
     base = prefix.rstrip("/")
+    # Ray gives every backend Serve's proxy as a backup server, for an application scaled to zero.
+    fallback = ServerConfig("serve-proxy", "127.0.0.1", servers["fallback"])
     backends = {
-        "main": BackendConfig(name="http-svc", path_prefix=prefix, app_name="svc",
+        "main": BackendConfig(name="http-svc", path_prefix=prefix, app_name="svc", fallback_server=fallback,
                               servers=[ServerConfig("ingress", "127.0.0.1", servers["ingress"])]),
         MODEL: BackendConfig(name=f"http-svc-model-{MODEL}", path_prefix=f"{base}/models/{MODEL}",
-                             app_name=f"svc-model-{MODEL}",
+                             app_name=f"svc-model-{MODEL}", fallback_server=fallback,
                              servers=[ServerConfig("replica", "127.0.0.1", servers["model"])]),
         DOTTED: BackendConfig(name=f"http-svc-model-{DOTTED}", path_prefix=f"{base}/models/{DOTTED}",
-                              app_name=f"svc-model-{DOTTED}", servers=[]),
+                              app_name=f"svc-model-{DOTTED}", fallback_server=fallback, servers=[]),
     }
     cfg = HAProxyConfig(
         http_options=HTTPOptions(host="127.0.0.1", port=servers["front"]),
@@ -57,13 +59,15 @@ def render(tmp: Path, servers: dict[str, int], prefix: str = "/") -> str:
 
 
 def test_routed_models_are_found_in_rays_config(tmp_path: Path) -> None:
-    config = render(tmp_path, {"ingress": 1, "model": 2, "front": 3})
+    config = render(tmp_path, {"ingress": 1, "model": 2, "front": 3, "fallback": 4})
     assert routed_backends(config) == {MODEL: (f"http-svc-model-{MODEL}", ""), DOTTED: (f"http-svc-model-{DOTTED}", "")}
+    assert replicas(config)[f"http-svc-model-{MODEL}"] == ["replica"] and replicas(config)["http-svc"] == ["ingress"]
+    assert replicas(config)[f"http-svc-model-{DOTTED}"] == [], "the backup server is not a replica"
     routed = add_body_routes(config)
     assert routed.count(MARK) == 1 and add_body_routes(routed) == routed, "added once, on every reload"
     # The rules come before the backend is chosen.
     assert routed.index(MARK) < routed.index("    use_backend ")
-    prefixed = add_body_routes(render(tmp_path, {"ingress": 1, "model": 2, "front": 3}, prefix="/api"))
+    prefixed = add_body_routes(render(tmp_path, {"ingress": 1, "model": 2, "front": 3, "fallback": 4}, prefix="/api"))
     assert f"set-path /api/models/{MODEL}/v1/embeddings" in prefixed
     assert "acl gs_v1_0 path /api/v1/embeddings" in prefixed
     plain = config.replace("/models/", "/other/")
@@ -104,9 +108,11 @@ def haproxy(tmp_path: Path) -> Iterator[dict[str, Any]]:
     binary = proxy.find_haproxy()
     if binary is None:
         pytest.skip("no runnable haproxy (ray[serve] bundles one)")
-    ingress, model = _serve("ingress"), _serve("model")
+    ingress, model, fallback = _serve("ingress"), _serve("model"), _serve("serve-proxy")
     front = free_port()
-    config = render(tmp_path, {"ingress": ingress.server_address[1], "model": model.server_address[1], "front": front})
+    ports = {"ingress": ingress.server_address[1], "model": model.server_address[1],
+             "fallback": fallback.server_address[1], "front": front}
+    config = render(tmp_path, ports)
     (tmp_path / "haproxy.cfg").write_text(config)
     argv = proxy.launch_argv(binary, ["-db", "-f", str(tmp_path / "haproxy.cfg")])
     assert argv[-1] == f"{tmp_path / 'haproxy.cfg'}.routes", "the launcher runs the config with the routes"
@@ -126,8 +132,8 @@ def haproxy(tmp_path: Path) -> Iterator[dict[str, Any]]:
     finally:
         child.terminate()
         child.wait(timeout=10)
-        ingress.shutdown()
-        model.shutdown()
+        for server in (ingress, model, fallback):
+            server.shutdown()
 
 
 def test_a_body_naming_a_routed_model_goes_to_its_application(haproxy: dict[str, Any]) -> None:
@@ -149,7 +155,8 @@ def test_a_body_naming_a_routed_model_goes_to_its_application(haproxy: dict[str,
     assert post({"model": "other", "input": f'"model": "{MODEL}"'}).items() >= ingress.items(), "text in a string"
     assert post({"model": f"{MODEL}-v2", "input": "x"}).items() >= ingress.items()
     assert post({"model": MODEL, "input": "x"}, "/v1/embeddingsx")["server"] == "ingress"
-    # A routed model without a replica up (scaled to zero): the ingress, which starts one.
+    # A routed model without a replica up (scaled to zero): the ingress, which starts one (and
+    # answers 503 at once for a model no node can host), not Serve's proxy, the backup server.
     assert post({"model": DOTTED, "input": "x"}).items() >= ingress.items()
     # The body reaches the server whole.
     assert post({"model": MODEL, "input": "y" * 40_000})["bytes"] > 40_000
