@@ -197,6 +197,11 @@ def choose(wanted: str, state_dir: Path | None = None) -> ProxyChoice:
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(state_dir / "metrics.sock"),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+        # Serve's proxy, HAProxy's backup server for an application scaled to zero, listens on
+        # 8500/9500 in every cluster: a model route's cold start under `make run` beside the test
+        # cluster reached the test cluster's proxy, which answered for its own applications.
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port()),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": os.environ.get(
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", LOCAL_DRAIN_S
         ),

@@ -24,8 +24,9 @@ def test_haproxy_mode_gets_its_own_files_ports_and_a_short_drain() -> None:
     assert a.mode == "haproxy" and a.env[proxy.ENABLE] == "1" and a.env[proxy.BINARY]
     assert a.env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == proxy.LOCAL_DRAIN_S
     # Two clusters on one machine share no file and no port.
-    for key in ("RAY_SERVE_HAPROXY_SOCKET_PATH", "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT"):
-        assert a.env[key] != b.env[key]
+    for key in ("RAY_SERVE_HAPROXY_SOCKET_PATH", "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT",
+                "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"):
+        assert a.env[key] != b.env[key], key
     # Ray adds a node folder; HAProxy refuses longer socket paths and does not start.
     base = a.env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]
     assert len(f"{base}/{'x' * NODE_ID_LEN}/metrics.sock") <= HAPROXY_MAX_SOCKET_PATH
