@@ -108,7 +108,7 @@ class EmbeddingsDeployment(ModelReplica):
         # requests, and the router's trace must count each, not each batch.
         self.batcher: ContinuousBatcher[tuple[list[str], float], dict[str, Any]] = ContinuousBatcher(
             self.embed_batch, self.config.max_batch_size, size=lambda item: len(item[0]),
-            wait_s=self.config.batch_wait_timeout_s,
+            wait_s=self.config.batch_wait_timeout_s, regather_s=self.config.batch_regather_s,
         )
         from serve_app.cluster.metrics import embeddings_batch_histogram
 

@@ -155,6 +155,13 @@ class ModelConfig(_Frozen):
     batch_wait_timeout_s: float = Field(
         0.0, ge=0, description="Dynamic batching: wait this long for more requests to fill a batch."
     )
+    # 10 ms on MiniLM, 8 clients, 3 interleaved rounds: mean batch 3.98 -> 6.17, requests/s
+    # 74.3 -> 85.3 (higher in each round), 1-client p50 unchanged (26.9 / 25.8 ms); 5 ms: 4.20, 76.2.
+    batch_regather_s: float = Field(
+        0.01, ge=0,
+        description="Continuous batching: while fewer requests are queued than the last batch and its queue "
+        "held, wait up to this long for the callers just answered to come back (a lone request never waits).",
+    )
     max_inputs: int = Field(2048, ge=1, description="Most inputs accepted in one embeddings request.")
     max_queue: int = Field(16, ge=0, description="Requests waiting for a busy instance before 503 (speech).")
     max_new_tokens: int = Field(512, ge=1, description="Cap on generated tokens per request (text).")

@@ -102,6 +102,39 @@ async def test_a_wait_gathers_company_unless_the_batch_is_already_full() -> None
     assert model.batches == [["a", "b"]]
 
 
+async def test_regather_waits_for_the_callers_just_answered_and_never_for_a_lone_one() -> None:
+    class Slow(Model):
+        async def __call__(self, items: list[str]) -> list[str]:
+            out = await super().__call__(items)
+            await asyncio.sleep(0.2)  # a forward pass: the regather is capped by its length
+            return out
+
+    async def client(batcher: ContinuousBatcher[str, str], name: str, rounds: int) -> None:
+        for i in range(rounds):
+            await batcher.submit(f"{name}{i}")
+            await asyncio.sleep(0.005)  # the way back to the replica
+
+    async def run(regather_s: float) -> list[list[str]]:
+        model = Slow()
+        batcher = ContinuousBatcher(model, max_size=8, regather_s=regather_s)
+        first = asyncio.ensure_future(client(batcher, "a", 4))
+        await asyncio.sleep(0.05)  # a second caller arrives during the first batch: two groups
+        await asyncio.gather(first, client(batcher, "b", 4))
+        return model.batches
+
+    # Without: the two callers take turns, one item a batch.
+    assert [len(b) for b in await run(0.0)] == [1] * 8
+    # With: after the first batch (one came during it), each next batch waits for both to come back.
+    sizes = [len(b) for b in await run(0.15)]
+    assert sizes == [1, 2, 2, 2, 1], sizes
+
+    model = Model()
+    lone = ContinuousBatcher(model, max_size=8, regather_s=10.0)
+    for x in "abc":
+        assert await asyncio.wait_for(lone.submit(x), 1.0) == x.upper()  # one caller never waits
+    assert model.batches == [["a"], ["b"], ["c"]]
+
+
 def test_max_size_must_be_positive() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         ContinuousBatcher(Model(), max_size=0)
