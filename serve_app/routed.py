@@ -90,8 +90,10 @@ class ServedBy:
         await self.app(scope, receive, send_with_header)
 
 
-def build_fastapi(family: str) -> Any:
-    """The model application's HTTP app: the family's routes behind the ingress's middleware."""
+def build_fastapi() -> Any:
+    """The model application's HTTP app: the routed families' routes behind the ingress's
+    middleware. Every family's, so a request for another family's endpoint gets the ingress's
+    400 naming what the model can serve, not a 404."""
     import importlib
 
     from fastapi import FastAPI
@@ -105,7 +107,7 @@ def build_fastapi(family: str) -> Any:
     app.add_middleware(BodyLimitMiddleware, limit=upload_limit)
     app.add_middleware(AuthMiddleware, keys=context_keys)
     app.add_middleware(ServedBy)
-    for name in ROUTED_FAMILIES[family]:
+    for name in sorted({m for modules in ROUTED_FAMILIES.values() for m in modules}):
         app.include_router(importlib.import_module(name).router)
     return app
 
@@ -127,7 +129,7 @@ def routed_class(base: type) -> type:
             ))
 
         def __serve_build_asgi_app__(self) -> Any:
-            return build_fastapi(self.config.family)
+            return build_fastapi()
 
     Routed.__name__ = Routed.__qualname__ = f"Routed{base.__name__}"
     return serve.ingress()(Routed)

@@ -135,7 +135,9 @@ def test_the_route_checks_keys_and_input_like_the_ingress(url: str) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         client(base).embeddings.create(model=ASR, input="another model's route")
     assert err.value.code == "model_not_supported" and EMB in err.value.message
-    # Only the family's own routes are there: the rest of the API is the ingress's.
+    r = httpx.post(f"{route(url, ASR)}/embeddings", json={"model": ASR, "input": "x"}, headers=AUTH, timeout=30)
+    assert r.status_code == 400 and "faster-whisper model" in r.json()["error"]["message"], r.text
+    # Only the families' request routes are there: the rest of the API is the ingress's.
     r = httpx.get(f"{base}/models", headers=AUTH, timeout=30)
     assert r.status_code == 404 and "error" in r.json(), r.text
 

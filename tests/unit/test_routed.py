@@ -144,7 +144,7 @@ def test_the_model_app_serves_its_family_and_refuses_other_models() -> None:
     set_context(Context(config=config, handles={"all-MiniLM-L6-v2": LocalHandle(Replica())},
                         only_model="all-MiniLM-L6-v2"))
     try:
-        app = build_fastapi("sentence-transformers")
+        app = build_fastapi()
         c = TestClient(app, root_path="/models/all-MiniLM-L6-v2")
         key = {"Authorization": "Bearer sk-a"}
         ok = c.post("/models/all-MiniLM-L6-v2/v1/embeddings", json={"model": "all-MiniLM-L6-v2", "input": ["x", "y"]},
@@ -155,6 +155,10 @@ def test_the_model_app_serves_its_family_and_refuses_other_models() -> None:
         assert other.status_code == 400 and other.json()["error"]["code"] == "model_not_supported"
         nokey = c.post("/models/all-MiniLM-L6-v2/v1/embeddings", json={"model": "all-MiniLM-L6-v2", "input": "x"})
         assert nokey.status_code == 401
+        # Another family's endpoint on the route: the ingress's 400, naming what the model serves.
+        speech = c.post("/models/all-MiniLM-L6-v2/v1/audio/transcriptions", headers=key,
+                        data={"model": "all-MiniLM-L6-v2"}, files={"file": ("a.wav", b"RIFF", "audio/wav")})
+        assert speech.status_code == 400 and "sentence-transformers model" in speech.json()["error"]["message"]
     finally:
         set_context(None)
     assert set(ROUTED_FAMILIES) == {"sentence-transformers", "faster-whisper"}
