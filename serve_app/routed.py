@@ -17,7 +17,9 @@ starts one as for any request.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import inspect
 from typing import Any
 
 #: Families whose routes a model replica can answer itself (request/response routes that take
@@ -41,18 +43,43 @@ def app_name(main_app: str, model_id: str) -> str:
     return f"{main_app}-{deployment_name(model_id)}"
 
 
+class LocalStream:
+    """A streamed method's events, iterated in-process, with the `cancel()` of Serve's response
+    generator: the event being produced is cancelled, which ends the method (its `finally`
+    blocks, the lease, run), or, between events, the generator is closed."""
+
+    def __init__(self, agen: Any) -> None:
+        self._agen = agen
+        self._next: asyncio.Future[Any] | None = None
+        self._closing: asyncio.Future[Any] | None = None
+
+    def __aiter__(self) -> LocalStream:
+        return self
+
+    def __anext__(self) -> asyncio.Future[Any]:
+        self._next = asyncio.ensure_future(self._agen.__anext__())
+        return self._next
+
+    def cancel(self) -> None:
+        if self._next is not None and not self._next.done():
+            self._next.cancel()
+        else:
+            self._closing = asyncio.ensure_future(self._agen.aclose())
+
+
 class _LocalMethod:
     def __init__(self, fn: Any) -> None:
         self._fn = fn
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
-        return self._fn(*args, **kwargs)
+        out = self._fn(*args, **kwargs)
+        return LocalStream(out) if inspect.isasyncgen(out) else out
 
 
 class LocalHandle:
     """What a route needs of a Serve handle, for the replica that serves the route itself:
-    `handle.method.remote(...)` calls the method in-process (a coroutine to await, or an async
-    generator to iterate), `handle.options(...)` is the same handle."""
+    `handle.method.remote(...)` calls the method in-process (a coroutine to await, or a
+    :class:`LocalStream` to iterate), `handle.options(...)` is the same handle."""
 
     def __init__(self, target: Any) -> None:
         self._target = target

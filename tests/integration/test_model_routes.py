@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import subprocess
 import threading
 from pathlib import Path
@@ -150,6 +151,15 @@ def test_transcription_on_the_speech_models_route(url: str, speech: Path) -> Non
         srt = httpx.post(f"{route(url, ASR)}/audio/transcriptions", headers=AUTH, timeout=60,
                          data={"model": ASR, "response_format": "srt"}, files={"file": ("s.wav", f, "audio/wav")})
     assert srt.status_code == 200 and "-->" in srt.text, srt.text
+    # Streamed (server-sent events): the replica's event stream, iterated in-process.
+    with speech.open("rb") as f, httpx.stream(
+        "POST", f"{route(url, ASR)}/audio/transcriptions", headers=AUTH, timeout=60,
+        data={"model": ASR, "stream": "true"}, files={"file": ("s.wav", f, "audio/wav")},
+    ) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert events and all(e["type"] == "transcript.text.delta" for e in events[:-1]), events
+    assert events[-1]["type"] == "transcript.text.done" and "fox" in events[-1]["text"].lower(), events[-1]
     assert instance(url, ASR)["state"] == "gpu"
 
 

@@ -118,6 +118,40 @@ def test_local_handle_calls_the_replica_in_process() -> None:
         return one, many
 
     assert asyncio.run(main()) == ({"n": 2}, [0, 1, 2])
+
+    class Streaming:
+        def __init__(self) -> None:
+            self.ended: list[str] = []
+
+        async def events(self, block: asyncio.Event) -> AsyncIterator[int]:
+            try:
+                yield 1
+                await block.wait()  # the model's work for the next event
+                yield 2
+            finally:
+                self.ended.append("finally")
+
+    async def cancelled_mid_event() -> list[str]:
+        replica = Streaming()
+        stream = LocalHandle(replica).options(stream=True).events.remote(asyncio.Event())
+        assert await stream.__anext__() == 1
+        pending = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0.01)
+        stream.cancel()  # as the audio route does when the client leaves
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        return replica.ended
+
+    async def cancelled_between_events() -> list[str]:
+        replica = Streaming()
+        stream = LocalHandle(replica).events.remote(asyncio.Event())
+        assert await stream.__anext__() == 1
+        stream.cancel()
+        await asyncio.sleep(0.01)
+        return replica.ended
+
+    assert asyncio.run(cancelled_mid_event()) == ["finally"]
+    assert asyncio.run(cancelled_between_events()) == ["finally"]
     assert replica.calls == [("embed", ["a", "b"])]
     with pytest.raises(AttributeError):
         _ = handle._target_private
