@@ -237,7 +237,7 @@ async def embeddings_round(
         secs = 5 if quick else 15
         before = embeddings_work(status_url) if status_url else None
         figs.add(f"{name}.emb8.sent_s", await throughput(one, 8, secs))
-        after = embeddings_work(status_url) if status_url and before is not None else None
+        after = embeddings_work(status_url) if before is not None else None
         if before is not None and after is not None and after[0] > before[0]:
             figs.add(f"{name}.emb8.batch_mean", (after[1] - before[1]) / (after[0] - before[0]))
         figs.add(f"{name}.emb32.sent_s", 32 * await throughput(embed_call(client, url, model, 32), 1, secs))
@@ -332,7 +332,9 @@ def main() -> None:
         # Embeddings on `/v1`, which HAProxy sends to the model's own application (one hop,
         # `serve_app/cluster/body_routes.py`); speech on the model's own route (multipart
         # uploads on `/v1` take the ingress, `serve_app/routed.py`).
-        whisper_route = f"{ours}/models/whisper-tiny.en"
+        from serve_app.routed import route_prefix
+
+        whisper_route = f"{ours}{route_prefix('/', 'whisper-tiny.en')}"
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}", flush=True)
             asyncio.run(embeddings_round("gpu-serve", ours, "all-MiniLM-L6-v2", figs, args.quick, ours))

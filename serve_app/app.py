@@ -127,9 +127,9 @@ def with_env_keys(config: AppConfig, environ: dict[str, str] | None = None) -> A
 
 def routed_models(config: AppConfig) -> list[ModelConfig]:
     """The models that get an application of their own when the service is deployed as several."""
-    from serve_app.routed import ROUTED_FAMILIES
+    from serve_app.routed import has_route
 
-    return [m for m in config.models if config.http.model_routes and m.family in ROUTED_FAMILIES]
+    return [m for m in config.models if has_route(config, m)]
 
 
 #: In a split Serve config (:func:`split_serve_config`), a model application's args name its model here.

@@ -331,9 +331,9 @@ class HttpConfig(_Frozen):
     model_routes: bool = Field(
         True,
         description="Give each embeddings and speech model its own Serve application at /models/{id}/v1, "
-        "answered by the model's replica itself (one hop, no ingress between); its models also keep "
-        "/v1 through the ingress. Needs the applications deployed together: `python -m serve_app run`, "
-        "or the config `python -m serve_app config` prints for `serve run`/KubeRay.",
+        "answered by the model's replica itself (one hop, no ingress between); /v1 keeps serving them "
+        "(HAProxy sends /v1/embeddings for them to the replica too). Needs the applications deployed together: "
+        "`python -m serve_app run`, or the config `python -m serve_app config` prints for `serve run`/KubeRay.",
     )
     mcp_allowed_hosts: tuple[str, ...] = Field(
         ("127.0.0.1:*", "localhost:*", "[::1]:*"),

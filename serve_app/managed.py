@@ -160,7 +160,7 @@ class ManagedModel(ModelReplica):
 
         app_name = serve.get_replica_context().app_name
         member = self.app_config.model(model_id)
-        if member is not None and self.app_config.http.model_routes and member.family in routed.ROUTED_FAMILIES:
+        if member is not None and routed.has_route(self.app_config, member):
             app_name = routed.app_name(app_name, model_id)  # in an application of its own
         try:
             handle = serve.get_deployment_handle(deployment_name(model_id), app_name=app_name)

@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import re
 
+from serve_app.cluster.names import ROUTE_ROOT
+
 #: `acl is_<backend> path_beg <prefix>/models/<id>/`, as Ray writes it for a routed model's application.
-_MODEL_ACL = re.compile(r"^\s*acl is_(?P<backend>\S+) path_beg (?P<prefix>\S*?)/models/(?P<model>\S+)/$")
+_MODEL_ACL = re.compile(
+    rf"^\s*acl is_(?P<backend>\S+) path_beg (?P<prefix>\S*?){re.escape(ROUTE_ROOT)}/(?P<model>\S+)/$"
+)
 #: The first rule the inserted ones must precede: backend choice (and the metric labels set per backend).
 _ANCHOR = re.compile(r"^\s*(use_backend |default_backend |http-request set-var-fmt\(txn\.serve_app\))")
 MARK = "# gpu-serve: /v1 requests naming a routed model go to its own application"
@@ -75,7 +79,7 @@ def rules(routes: dict[str, tuple[str, str]], servers: dict[str, list[str]]) -> 
         out.append(f"    acl gs_model_{j} req.body -m reg '{_regex(model)}'")
         # One rule per replica, taken while it is up: once the path is rewritten, gs_v1 no longer matches.
         out.extend(
-            f"    http-request set-path {prefix}/models/{model}{PATH} "
+            f"    http-request set-path {prefix}{ROUTE_ROOT}/{model}{PATH} "
             f"if METH_POST gs_v1_{prefixes.index(prefix)} gs_model_{j} {{ srv_is_up({backend}/{server}) }}"
             for server in servers[backend]
         )

@@ -9,6 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 ROUTER_NAME = "gpu-serve-router"
+#: A routed model's own application answers under this prefix, then the model id
+#: (`serve_app/routed.py`; HAProxy's body routes rewrite to it, `cluster/body_routes.py`).
+ROUTE_ROOT = "/models"
 
 
 def deployment_name(model_id: str) -> str:
