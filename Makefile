@@ -97,3 +97,9 @@ bench-policy: $(TEST_STAMP)
 .PHONY: bench-policy-seeds
 bench-policy-seeds: $(TEST_STAMP)
 	$(PY) bench/policy_seeds.py --seeds 1-16
+
+# The same seeds with the hindsight references (gpu-serve@knows=...): how much of the gap to
+# Belady-Size knowing whether a session goes on, or when the next one starts, would close.
+.PHONY: bench-policy-hindsight
+bench-policy-hindsight: $(TEST_STAMP)
+	$(PY) bench/policy_seeds.py --seeds 1-16 --hindsight

@@ -6,10 +6,15 @@ and miss on the next trace of the same kind. This script generates each seed's t
 one line per seed (this policy's figure, Belady-Size's, their ratio, the best online baseline)
 and, for each target, on how many seeds it holds.
 
-    .venv/bin/python bench/policy_seeds.py [--seeds 1-16] [--hours 6] [--workers 2] [--json]
+    .venv/bin/python bench/policy_seeds.py [--seeds 1-16] [--hours 6] [--workers 2] [--hindsight] [--json]
 
 The seeds are the generator's, so seeds 1-3 are the committed traces. About 30 s per seed on the
 2-core machine with 2 workers (`make bench-policy-seeds`: seeds 1-16, about 8 minutes).
+
+`--hindsight` also runs the ``gpu-serve@knows=...`` references of `bench/policy_sim.py` (the same
+`decide()` told whether a session goes on, when the next one starts, or every next use) and prints,
+per scenario, their totals and on how many seeds each meets the targets: how much of the gap to
+Belady-Size an online policy could close at best (`make bench-policy-hindsight`, about 20 minutes).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.policy_sim import (  # noqa: E402
+    HINDSIGHT,
     SCENARIOS,
     Spec,
     feasible_online,
@@ -57,12 +63,39 @@ def parse_seeds(text: str) -> list[int]:
     return sorted(set(out))
 
 
-def run_seed(job: tuple[int, float, str]) -> tuple[int, str, Results]:
-    seed, hours, scenario = job
+def run_seed(job: tuple[int, float, str, bool]) -> tuple[int, str, Results]:
+    seed, hours, scenario, hindsight = job
     models, rows = generate(seed, hours)
     specs = {m.name: Spec(m.name, m.bytes, m.cold_load_s, m.restore_s) for m in models}
     cfg = SCENARIOS[scenario]
-    return seed, scenario, simulate(specs, rows, cfg["gpus"], cfg["host_gib"], cfg["timeouts"], loads=(1,))
+    return seed, scenario, simulate(
+        specs, rows, cfg["gpus"], cfg["host_gib"], cfg["timeouts"], loads=(1,), hindsight=hindsight
+    )
+
+
+def as_gpu_serve(r: Results, name: str) -> Results:
+    """`r` with `name`'s figures in gpu-serve's place, so that `targets` judges `name`."""
+    return {**r, "gpu-serve": r[name]}
+
+
+def hindsight_table(scenario: str, seeds: list[int], done: dict[tuple[int, str], Results]) -> str:
+    """Per policy: the scenario's misses summed over the seeds, that sum's ratio to Belady-Size's,
+    and for each target on how many seeds it is met."""
+    key = "cold_loads" if scenario.startswith("1x48") else "gpu_misses"
+    names = ["gpu-serve"] + [f"gpu-serve@knows={k}" for k in HINDSIGHT]
+    labels = [label for label, _ in targets(scenario, done[(seeds[0], scenario)])]
+    belady = sum(done[(s, scenario)]["belady-size"][key] for s in seeds)
+    lines = [f"| policy | {key}, sum | / Belady-Size | " + " | ".join(labels) + " |", "|---" * (len(labels) + 3) + "|"]
+    for name in names:
+        total = sum(done[(s, scenario)][name][key] for s in seeds)
+        met = [0] * len(labels)
+        for s in seeds:
+            for i, (_, ok) in enumerate(targets(scenario, as_gpu_serve(done[(s, scenario)], name))):
+                met[i] += ok
+        lines.append(f"| {name} | {total:.0f} | {total / max(belady, 1):.3f}x | "
+                     + " | ".join(f"{m}/{len(seeds)}" for m in met) + " |")
+    lines.append(f"| belady-size | {belady:.0f} | 1.000x |" + " |" * len(labels))
+    return "\n".join(lines)
 
 
 def summary_line(scenario: str, r: Results) -> str:
@@ -82,10 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="1-16", help="seeds or ranges, e.g. 1-16 or 4,7,9 (default 1-16)")
     ap.add_argument("--hours", type=float, default=6.0, help="trace length (default 6, as committed)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--hindsight", action="store_true",
+                    help="also run the gpu-serve@knows=... references and print what each is worth")
     ap.add_argument("--json", action="store_true", help="print every policy's figures per seed as JSON")
     args = ap.parse_args(argv)
     seeds = parse_seeds(args.seeds)
-    jobs = [(s, args.hours, sc) for s in seeds for sc in SCENARIOS]
+    jobs = [(s, args.hours, sc, args.hindsight) for s in seeds for sc in SCENARIOS]
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         done = {(s, sc): r for s, sc, r in pool.map(run_seed, jobs)}
     if args.json:
@@ -106,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         missed = [s for s in seeds if s not in ok_seeds]
         print(f"- {sc}: {label}: {len(ok_seeds)}/{len(seeds)}" + (f" (missed on {', '.join(map(str, missed))})"
                                                                  if missed else ""))
+    if args.hindsight:
+        print("\n## what knowing part of the future is worth (gpu-serve@knows=..., bench/policy_sim.py)")
+        for sc in SCENARIOS:
+            print(f"\n### {sc}\n\n{hindsight_table(sc, seeds, done)}")
     return 0
 
 

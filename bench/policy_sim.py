@@ -22,6 +22,11 @@ away). Belady-Size is a strong reference for variable sizes, not the exact optim
 NP-hard with sizes); ``pfoo-lower`` is a lower bound on misses for any policy of the same
 capacity (see `belady_lower_bound`).
 
+`--hindsight` adds ``gpu-serve@knows=...``: the same `decide()` told part of the future in place of
+the gap-history estimate (:func:`hindsight_next_use`), to measure what each part of the prediction
+is worth and how far an online policy can get (``session-end``: whether the model's current session
+goes on; ``next-session``: when its next session starts; ``next-use``: every next request).
+
     .venv/bin/python bench/policy_sim.py --trace T.csv --models M.csv --gpus 2x24 --host-gib 64 \\
         [--timeouts default|none] [--json]
 
@@ -52,7 +57,7 @@ if str(ROOT) not in sys.path:
 
 from serve_app.config import ModelConfig, RouterConfig  # noqa: E402
 from serve_app.core.audit import belady_lower_bound  # noqa: E402
-from serve_app.core.cost import DEFAULT_TAU_S, DecayedRate, GapHistory  # noqa: E402
+from serve_app.core.cost import DEFAULT_TAU_S, DecayedRate, GapHistory, expected_residual_s  # noqa: E402
 from serve_app.core.policy import decide, estimate_need_bytes  # noqa: E402
 from serve_app.core.snapshot import (  # noqa: E402
     Admit,
@@ -78,6 +83,11 @@ DEFAULT_TIMEOUTS = tuple(ModelConfig.model_fields[k].default for k in ("idle_tim
 #: The defaults before issue #12, kept as a variant for comparison.
 OLD_TIMEOUTS = (300.0, 1800.0)
 HEADROOM = RouterConfig.model_fields["headroom_factor"].default
+#: A request more than this after its model's previous one starts a new session (the generator's
+#: in-session gaps are exponential with a 15 s mean: one in 3,000 is longer).
+SESSION_GAP_S = 120.0
+#: What the hindsight references may know (`hindsight_next_use`).
+HINDSIGHT = ("session-end", "next-session", "next-use")
 
 
 @dataclass(frozen=True)
@@ -348,15 +358,57 @@ class Planner:
 # --- this project's policy ------------------------------------------------------------------------
 
 
+def hindsight_next_use(sim: Sim, model: str, now: float, knows: str) -> float | None:
+    """The next use a ``gpu-serve@knows=...`` reference is told, in place of the online estimate.
+
+    * ``session-end``: whether the model's session goes on (its next request comes within
+      `SESSION_GAP_S` of its last), not when. One that goes on is expected its mean in-session gap
+      from now (gaps are memoryless within a session); one that ended, the mean residual of its
+      between-session gaps alone. Both means come from the model's own history, as online. This
+      is the most any online estimate of the session's state could give.
+    * ``next-session``: the time of the model's next request when that starts a new session; within
+      a session the online estimate. What no online estimate can give: sessions start at random.
+    * ``next-use``: the next request, always (Belady-Size's knowledge, in `decide()`'s hands).
+    """
+    online = sim.gaps.next_use_at(model, now)
+    last = sim.gaps.last_arrival(model)
+    if online is None or last is None:
+        return online
+    upcoming = sim.next_use(model, now)
+    goes_on = upcoming - last <= SESSION_GAP_S
+    if knows == "next-use":
+        return upcoming
+    if knows == "next-session":
+        return online if goes_on else upcoming
+    if knows == "session-end":
+        gaps = sim.gaps.gaps(model)
+        if goes_on:
+            inside = [g for g in gaps if g <= SESSION_GAP_S]
+            return now + (statistics.fmean(inside) if inside else SESSION_GAP_S / 8)
+        return now + expected_residual_s([g for g in gaps if g > SESSION_GAP_S], now - last)
+    raise ValueError(f"knows={knows!r}: expected one of {', '.join(HINDSIGHT)}")
+
+
 class GpuServe(Planner):
-    """Runs `decide(snapshot, now)` and carries out its actions, as the router does."""
+    """Runs `decide(snapshot, now)` and carries out its actions, as the router does.
+
+    With `knows`, a hindsight reference: the predicted next use comes from `hindsight_next_use`,
+    and offloads are priced by it as releases are (`PolicyLimits.next_use_for_offloads`).
+    """
 
     def __init__(
         self, timeouts: tuple[float | None, float | None], max_loads: int = 1, headroom: float = HEADROOM,
-        suffix: str = "", timeout_max_cost_s: float | None = None,
+        suffix: str = "", timeout_max_cost_s: float | None = None, knows: str | None = None,
     ) -> None:
+        if knows is not None and knows not in HINDSIGHT:
+            raise ValueError(f"knows={knows!r}: expected one of {', '.join(HINDSIGHT)}")
+        self.knows = knows
+        if knows is not None:
+            suffix += f"@knows={knows}"
         self.name = ("gpu-serve" if max_loads == 1 else f"gpu-serve@loads={max_loads}") + suffix
-        self.limits = PolicyLimits(max_loads_per_gpu=max_loads, timeout_max_cost_s=timeout_max_cost_s)
+        self.limits = PolicyLimits(
+            max_loads_per_gpu=max_loads, timeout_max_cost_s=timeout_max_cost_s, next_use_for_offloads=knows is not None
+        )
         self.headroom = headroom
         self.idle_timeout_s, self.release_timeout_s = timeouts
         self.measured: dict[str, int] = {}
@@ -388,7 +440,7 @@ class GpuServe(Planner):
                     last_used_at=inst.last_used_at, in_flight=inst.in_flight + len(inst.waiting),
                     idle_timeout_s=self.idle_timeout_s, release_timeout_s=self.release_timeout_s,
                     request_rate_hz=sim.rates.rate(spec.name, now), load_s=inst.load_s, restore_s=inst.restore_s,
-                    next_use_at=sim.gaps.next_use_at(spec.name, now),
+                    next_use_at=self.next_use_at(sim, spec.name, now),
                 )
             )
         pending = []
@@ -406,6 +458,11 @@ class GpuServe(Planner):
             gpus=tuple(gpus), instances=tuple(instances), pending=tuple(pending),
             host_budget_bytes={NODE: sim.host_bytes}, limits=self.limits,
         )
+
+    def next_use_at(self, sim: Sim, model: str, now: float) -> float | None:
+        if self.knows is None:
+            return sim.gaps.next_use_at(model, now)
+        return hindsight_next_use(sim, model, now, self.knows)
 
     def plan(self, sim: Sim) -> None:
         snap = self.snapshot(sim)
@@ -591,7 +648,8 @@ class Timeout(Planner):
 
 
 def planners(
-    timeouts: tuple[float | None, float | None], loads: tuple[int, ...] = (1, 2), compare_old: bool = False
+    timeouts: tuple[float | None, float | None], loads: tuple[int, ...] = (1, 2), compare_old: bool = False,
+    hindsight: bool = False,
 ) -> list[Callable[[], Planner]]:
     out: list[Callable[[], Planner]] = [lambda n=n: GpuServe(timeouts, n) for n in loads]
     # What the router's safety knobs cost: its headroom_factor on loads, and the idle timeouts.
@@ -601,6 +659,8 @@ def planners(
         out.append(lambda: GpuServe(timeouts, suffix="@timeout_max_cost_s=0.1", timeout_max_cost_s=0.1))
     if compare_old:  # the defaults before issue #12 (idle 300 s, release 1800 s)
         out.append(lambda: GpuServe(OLD_TIMEOUTS, suffix="@timeouts=300/1800"))
+    if hindsight:
+        out += [lambda k=k: GpuServe(timeouts, knows=k) for k in HINDSIGHT]
     out += [LruBytes, lambda: Timeout(60.0), lambda: Timeout(600.0), LruCount, Gdsf, BeladySize]
     return out
 
@@ -615,12 +675,14 @@ def simulate(
     curves: dict[str, list[float]] | None = None,
     margin_bytes: int | None = None,
     only: Callable[[str], bool] | None = None,
+    hindsight: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Every policy over one trace (or those `only` accepts, by name; the bound always); `curves`
-    (if given) receives each policy's miss times."""
+    (if given) receives each policy's miss times; `hindsight` adds the ``gpu-serve@knows=...``
+    references."""
     to = DEFAULT_TIMEOUTS if timeouts == "default" else (None, None)
     results: dict[str, dict[str, float]] = {}
-    for make in planners(to, loads, compare_old=timeouts == "default"):
+    for make in planners(to, loads, compare_old=timeouts == "default", hindsight=hindsight):
         planner = make()
         if only is not None and not only(planner.name):
             continue
@@ -770,6 +832,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--margin-mib", type=float, help="safety margin per GPU; default: the router's (5%%, >= 512 MiB)")
     ap.add_argument("--policies", help="comma-separated names or fnmatch patterns (gpu-serve*,belady-size); "
                     "default: all")
+    ap.add_argument("--hindsight", action="store_true",
+                    help="add the gpu-serve@knows=... references (the same decide() told part of the future)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.report is not None:
@@ -785,7 +849,8 @@ def main(argv: list[str] | None = None) -> int:
         patterns = [p.strip() for p in args.policies.split(",") if p.strip()]
         only = lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)  # noqa: E731
     results = simulate(
-        specs, trace, parse_gpus(args.gpus), args.host_gib, args.timeouts, loads, margin_bytes=margin, only=only
+        specs, trace, parse_gpus(args.gpus), args.host_gib, args.timeouts, loads, margin_bytes=margin, only=only,
+        hindsight=args.hindsight,
     )
     if args.json:
         print(json.dumps({"policies": results}, indent=2))

@@ -177,10 +177,10 @@ def expected_cost_s(inst: InstanceView, limits: PolicyLimits, now: float, *, off
 
     A release (the weights reload cold) is priced with the model's predicted next use from its
     gap history, ``1 / (next_use_at - now)`` as the rate, when the router knows one; an offload
-    (a restore from the CPU tier) with the decayed rate capped by ``1/idle``. See cost.py's doc
-    for why each gets its own estimate.
+    (a restore from the CPU tier) with the decayed rate capped by ``1/idle``, unless
+    `limits.next_use_for_offloads`. See cost.py's doc for why each gets its own estimate.
     """
-    if not offloaded and inst.next_use_at is not None:
+    if inst.next_use_at is not None and (not offloaded or limits.next_use_for_offloads):
         rate = 1.0 / max(inst.next_use_at - now, 1e-3)
     else:
         rate = effective_rate_hz(inst.request_rate_hz, now - inst.last_used_at)

@@ -96,6 +96,10 @@ class PolicyLimits:
     #: `decide`): a GPU copy whose expected reload seconds exceed this stays; a CPU copy is released
     #: only when the node's host budget is short. None (default): timeouts act as configured.
     timeout_max_cost_s: float | None = None
+    #: Price an offload (a restore to come) by `InstanceView.next_use_at` too, as a release is. Off:
+    #: with the router's online estimate it made more GPU misses (`serve_app/core/cost.py`); the
+    #: simulator's hindsight references (`bench/policy_sim.py --hindsight`), told the next use, set it.
+    next_use_for_offloads: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -97,6 +97,13 @@ def test_an_offload_keeps_the_decayed_rate() -> None:
     acts = decide(world([a, b], [req("x", 4)], gpus={"g0": 8}, budget={"n0": 64}), 100.0)
     assert [x.model for x in acts if isinstance(x, Offload)] == ["b"]
 
+    # `next_use_for_offloads` (the simulator's hindsight references) prices the restore by the
+    # predicted next use as well: now 'a', due in 4,900 s, is the one offloaded.
+    told = replace(NO_MARGIN, next_use_for_offloads=True)
+    assert expected_cost_s(a, told, 100.0, offloaded=True) < expected_cost_s(b, told, 100.0, offloaded=True)
+    snap = world([a, b], [req("x", 4)], gpus={"g0": 8}, budget={"n0": 64}, limits=told)
+    assert [x.model for x in decide(snap, 100.0) if isinstance(x, Offload)] == ["a"]
+
 
 def test_priority_stays_hard_over_the_prediction() -> None:
     far = replace(inst("far", 4, last_used=0, priority=2), load_s=8.0, next_use_at=1e6)
