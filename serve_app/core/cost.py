@@ -65,6 +65,18 @@ s 183/215/73, 600 s 178/215/66; cost horizons 3/30/100 s within one load of 10 s
 same hazard (H 30/120/600 s) 24/27/23 cold loads on seed2, and the true next use for every eviction
 180.0/328.6/138.2 reload seconds (Belady-Size 184.9/476.5/139.6): the restore ranking on seeds 1
 and 3 is what an online estimate has yet to close.
+
+**Fourth round: what is left is not in the history** (`make bench-policy-hindsight`, seeds 1-16,
+sums: one 48 GiB GPU cold loads, two 24 GiB GPUs + 64 GiB host GPU misses; defaults 2,456 / 3,657,
+Belady-Size 2,163 / 3,211). The same `decide()` told part of the future (`bench/policy_sim.py`
+``gpu-serve@knows=...``) splits the gap: told only whether each session goes on, about half of it
+closes; told when each next session starts, nearly all of it on one GPU. The generator's sessions
+end with a fixed probability after each request and start as a Poisson process, so the age since
+the last request is all an online estimate can know of either. Two online tries that used the age
+differently did no better: a two-part (in-session / between-session) exponential posterior on the
+age instead of the renewal mean, 2,453 / 3,613 (priced for offloads too: 3,742 two-GPU misses);
+ranking by cost per byte the next load can use (freed bytes beyond what the models off the GPU
+need are worth nothing), 2,457 / 3,661, though seed16's 20 GB model went from 9 cold loads to 3.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from bench.policy_seeds import main, parse_seeds
@@ -28,3 +30,9 @@ def test_the_report_counts_each_target_over_the_seeds(capsys: pytest.CaptureFixt
     counted = [line for line in out.splitlines() if line.startswith("- ") and "/2" in line]
     assert len(counted) == 8
     assert all("0 over-commits: 2/2" in line for line in counted if ": 0 over-commits" in line)
+    # The sums over the seeds: gpu-serve's per-seed figures added up, against Belady-Size's.
+    assert "## over all 2 seeds" in out and "@knows=" not in out  # the references only with --hindsight
+    one_gpu = re.findall(r"seed +\d+: cold_loads (\d+) / Belady-Size (\d+)", out)
+    ours, belady = sum(int(a) for a, _ in one_gpu), sum(int(b) for _, b in one_gpu)
+    assert f"| gpu-serve | {ours} | {ours / belady:.3f}x | 2/2 |" in out
+    assert f"| belady-size | {belady} | 1.000x |" in out
