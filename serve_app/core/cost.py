@@ -69,14 +69,15 @@ and 3 is what an online estimate has yet to close.
 **Fourth round: what is left is not in the history** (`make bench-policy-hindsight`, seeds 1-16,
 sums: one 48 GiB GPU cold loads, two 24 GiB GPUs + 64 GiB host GPU misses; defaults 2,456 / 3,657,
 Belady-Size 2,163 / 3,211). The same `decide()` told part of the future (`bench/policy_sim.py`
-``gpu-serve@knows=...``) splits the gap: told only whether each session goes on, about half of it
-closes; told when each next session starts, nearly all of it on one GPU. The generator's sessions
+``gpu-serve@knows=...``) splits the gap: told whether each session goes on, 2,332 / 3,416; told when
+each next session starts, 2,213 / 3,412; told every next use, 2,033 / 2,977. The generator's sessions
 end with a fixed probability after each request and start as a Poisson process, so the age since
 the last request is all an online estimate can know of either. Two online tries that used the age
-differently did no better: a two-part (in-session / between-session) exponential posterior on the
-age instead of the renewal mean, 2,453 / 3,613 (priced for offloads too: 3,742 two-GPU misses);
-ranking by cost per byte the next load can use (freed bytes beyond what the models off the GPU
-need are worth nothing), 2,457 / 3,661, though seed16's 20 GB model went from 9 cold loads to 3.
+differently met the targets on no more seeds (within 2% in total): a two-part (in-session /
+between-session) exponential posterior on the age instead of the renewal mean, 2,453 / 3,613 (priced
+for offloads too: 3,742 two-GPU misses); ranking by cost per byte the next load can use (freed
+bytes beyond what the models off the GPU need are worth nothing), 2,457 / 3,661, though seed16's
+20 GB model went from 9 cold loads to 3 (small models took its place).
 """
 
 from __future__ import annotations
