@@ -22,20 +22,22 @@ import functools
 import inspect
 from typing import Any
 
+from serve_app.cluster.names import ROUTE_ROOT
+
 #: Families whose routes a model replica can answer itself (request/response routes that take
 #: only the model's own handle).
 ROUTED_FAMILIES = {
     "sentence-transformers": ("serve_app.api.embeddings",),
     "faster-whisper": ("serve_app.api.audio",),
 }
+
+
 def has_route(config: Any, model: Any) -> bool:
     """Whether `model` (of `config`, an AppConfig) has an application of its own."""
     return bool(config.http.model_routes) and model.family in ROUTED_FAMILIES
 
 
 def route_prefix(app_prefix: str, model_id: str) -> str:
-    from serve_app.cluster.names import ROUTE_ROOT
-
     return f"{app_prefix.rstrip('/')}{ROUTE_ROOT}/{model_id}"
 
 
