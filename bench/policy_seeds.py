@@ -11,9 +11,10 @@ and, for each target, on how many seeds it holds.
 The seeds are the generator's, so seeds 1-3 are the committed traces. About 30 s per seed on the
 2-core machine with 2 workers (`make bench-policy-seeds`: seeds 1-16, about 8 minutes).
 
+The report ends with each scenario's misses summed over the seeds, against Belady-Size's sum.
 `--hindsight` also runs the ``gpu-serve@knows=...`` references of `bench/policy_sim.py` (the same
-`decide()` told whether a session goes on, when the next one starts, or every next use) and prints,
-per scenario, their totals and on how many seeds each meets the targets: how much of the gap to
+`decide()` told whether a session goes on, when the next one starts, or every next use) and adds
+each to those sums, with on how many seeds it meets the targets: how much of the gap to
 Belady-Size an online policy could close at best (`make bench-policy-hindsight`, about 20 minutes).
 """
 
@@ -73,15 +74,20 @@ def run_seed(job: tuple[int, float, str, bool]) -> tuple[int, str, Results]:
     )
 
 
+def miss_key(scenario: str) -> str:
+    """The miss count the scenario's <= 1.2x target names."""
+    return "cold_loads" if scenario.startswith("1x48") else "gpu_misses"
+
+
 def as_gpu_serve(r: Results, name: str) -> Results:
     """`r` with `name`'s figures in gpu-serve's place, so that `targets` judges `name`."""
     return {**r, "gpu-serve": r[name]}
 
 
-def hindsight_table(scenario: str, seeds: list[int], done: dict[tuple[int, str], Results]) -> str:
+def sums_table(scenario: str, seeds: list[int], done: dict[tuple[int, str], Results]) -> str:
     """Per policy (gpu-serve and the hindsight references that ran): the scenario's misses summed
     over the seeds, that sum's ratio to Belady-Size's, and for each target on how many seeds it holds."""
-    key = "cold_loads" if scenario.startswith("1x48") else "gpu_misses"
+    key = miss_key(scenario)
     names = ["gpu-serve"] + [n for k in HINDSIGHT if (n := f"gpu-serve@knows={k}") in done[(seeds[0], scenario)]]
     labels = [label for label, _ in targets(scenario, done[(seeds[0], scenario)])]
     belady = sum(done[(s, scenario)]["belady-size"][key] for s in seeds)
@@ -100,7 +106,7 @@ def hindsight_table(scenario: str, seeds: list[int], done: dict[tuple[int, str],
 
 def summary_line(scenario: str, r: Results) -> str:
     me, belady = r["gpu-serve"], r["belady-size"]
-    key = "cold_loads" if scenario.startswith("1x48") else "gpu_misses"
+    key = miss_key(scenario)
     best = min(feasible_online(r), key=lambda n: r[n][key])
     line = (f"{key} {me[key]:.0f} / Belady-Size {belady[key]:.0f} = {me[key] / max(belady[key], 1):.2f}x, "
             f"best online {best} {r[best][key]:.0f}")
@@ -145,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     # the future would add (gpu-serve@knows=..., bench/policy_sim.py).
     print(f"\n## over all {len(seeds)} seeds")
     for sc in SCENARIOS:
-        print(f"\n### {sc}\n\n{hindsight_table(sc, seeds, done)}")
+        print(f"\n### {sc}\n\n{sums_table(sc, seeds, done)}")
     return 0
 
 

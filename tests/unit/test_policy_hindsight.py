@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.policy_seeds import hindsight_table
+from bench.policy_seeds import sums_table
 from bench.policy_sim import HINDSIGHT, GpuServe, Sim, Spec, hindsight_next_use, simulate
 
 GB = 10**9
@@ -72,7 +72,7 @@ def test_the_references_run_beside_gpu_serve_and_the_table_sums_them() -> None:
     assert told <= results["belady-size"]["cold_loads"]
     assert told < results["gpu-serve"]["cold_loads"]
     scenario = "1x48, no CPU tier"
-    table = hindsight_table(scenario, [1], {(1, scenario): results})
+    table = sums_table(scenario, [1], {(1, scenario): results})
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
     assert set(rows) == {"gpu-serve", *names, "belady-size"}
     belady = results["belady-size"]["cold_loads"]
